@@ -1,0 +1,32 @@
+"""Command-line interface: ``mp-eplb`` (also ``python -m mp_eplb``)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from collections.abc import Sequence
+
+from mp_eplb import __version__
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mp-eplb",
+        description="Expert-parallel load balancing with the transfer in a subprocess.",
+    )
+    parser.add_argument("--version", action="version", version=f"mp-eplb {__version__}")
+    parser.add_argument("-v", "--verbose", action="count", default=0,
+                        help="more logging (-v info, -vv debug)")
+    parser.add_subparsers(dest="command", metavar="COMMAND")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    level = logging.WARNING - 10 * min(args.verbose, 2)
+    logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    if args.command is None:
+        parser.print_help()
+        return 0
+    return args.func(args)
