@@ -1,0 +1,386 @@
+"""ZeroMQ channel between a parent process and its helper child.
+
+Transport only: frames come from and go to :class:`ipc.codec.Codec`; message types live
+in :mod:`ipc.schema`.
+
+Sockets: the parent binds a ROUTER, the child connects a DEALER. Why not PAIR: a PAIR
+socket serves only the first connection, so any stray local connection that comes first
+(tcp on 127.0.0.1 is open to every local user) locks the real child out, and libzmq
+documents PAIR for inproc use. A ROUTER takes every connection and tags each frame with
+the sender's routing id; the channel answers the routing id of the last *authenticated*
+message, so strangers can neither inject (HMAC) nor lock out (no exclusivity). With
+``ROUTER_MANDATORY`` a send to a child whose connection closed fails at once with
+:class:`~ipc.errors.ChannelClosedError` instead of queueing forever; the child's DEALER
+uses a fixed random routing id and the ROUTER ``ROUTER_HANDOVER``, so a tcp reconnect
+keeps the route. Consequence: the child speaks first (a :class:`~ipc.schema.Hello`);
+before that the parent has nobody to send to.
+
+Every received frame passes size, HMAC, msgpack limits, schema version, type and field
+checks (the codec) and a replay check (seq must exceed the last accepted one). A frame
+failing any check is dropped, counted in :attr:`Channel.stats`, logged at warning
+(rate-limited) and the channel carries on; an authenticated request of an unknown type or
+with bad fields is also answered with an :class:`~ipc.schema.ErrorReply` naming its seq.
+
+A channel is not thread-safe: use it from one thread. One channel serves one child
+lifetime; to restart a worker, bind a new channel with a new key.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import secrets
+import shutil
+import tempfile
+import time
+import weakref
+from types import TracebackType
+from typing import Any
+
+import zmq
+
+from ipc.codec import DEFAULT_MAX_MESSAGE_BYTES, Codec, DecodeError, DropReason, Role
+from ipc.errors import AuthenticationError, ChannelClosedError, IpcError, IpcTimeoutError
+from ipc.schema import ErrorReply, message_tag
+
+__all__ = [
+    "Channel",
+    "DEFAULT_SEND_TIMEOUT_S",
+    "DEFAULT_LINGER_MS",
+    "MAX_IPC_PATH_CHARS",
+]
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_SEND_TIMEOUT_S = 5.0
+DEFAULT_LINGER_MS = 100
+MAX_IPC_PATH_CHARS = 107
+"""Longest path an ``ipc://`` endpoint may have (``sun_path`` is 108 bytes with its NUL)."""
+_SOCKET_NAME = "ch.sock"
+_WARN_INTERVAL_S = 5.0
+_ERROR_TAG = message_tag(ErrorReply)
+
+
+def _ipc_path(endpoint: str) -> str:
+    path = endpoint[len("ipc://"):]
+    if len(os.fsencode(path)) > MAX_IPC_PATH_CHARS:
+        raise IpcError(f"ipc endpoint path {path!r} is {len(os.fsencode(path))} bytes, over "
+                       f"the {MAX_IPC_PATH_CHARS}-byte limit of a unix socket path: use a "
+                       "shorter directory")
+    if os.path.lexists(path):
+        raise IpcError(f"ipc endpoint {path!r} already exists: another channel is bound "
+                       "there (binding again would silently steal it) or a stale file was "
+                       "left; pick another path, or remove the file if no process uses it")
+    return path
+
+
+def _private_ipc_endpoint() -> tuple[str, str]:
+    """``(endpoint, dir)``: a socket path in a new 0700 directory, under $TMPDIR or, if that
+    path is too long for a unix socket, under /tmp."""
+    for base in (None, "/tmp"):
+        directory = tempfile.mkdtemp(prefix="ipc-", dir=base)
+        path = os.path.join(directory, _SOCKET_NAME)
+        if len(os.fsencode(path)) <= MAX_IPC_PATH_CHARS:
+            return f"ipc://{path}", directory
+        os.rmdir(directory)
+    raise IpcError(f"no temporary directory gives an ipc socket path of at most "
+                   f"{MAX_IPC_PATH_CHARS} bytes (tried $TMPDIR and /tmp): set TMPDIR to a "
+                   "short directory or bind to 'tcp'")
+
+
+def _remove_paths(socket_path: str | None, directory: str | None) -> None:
+    if socket_path is not None:
+        try:
+            os.unlink(socket_path)
+        except FileNotFoundError:
+            pass
+    if directory is not None:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+class _WarnLimiter:
+    """At most one warning per drop reason every ``_WARN_INTERVAL_S``; counts the rest."""
+
+    def __init__(self, endpoint: str) -> None:
+        self._endpoint = endpoint
+        self._next: dict[str, float] = {}
+        self._suppressed: dict[str, int] = {}
+
+    def warn(self, reason: str, detail: str) -> None:
+        now = time.monotonic()
+        if now < self._next.get(reason, 0.0):
+            self._suppressed[reason] = self._suppressed.get(reason, 0) + 1
+            return
+        self._next[reason] = now + _WARN_INTERVAL_S
+        hidden = self._suppressed.pop(reason, 0)
+        logger.warning("ipc channel %s dropped a %s frame: %s%s", self._endpoint, reason,
+                       detail, f" (+{hidden} similar drops not logged)" if hidden else "")
+
+
+class Channel:
+    """One end of a parent/child ZeroMQ channel. Build with :meth:`bind` (parent) or
+    :meth:`connect` (child); close with :meth:`close` or a ``with`` block."""
+
+    def __init__(self, context: zmq.Context, socket: zmq.Socket, codec: Codec, endpoint: str,
+                 socket_path: str | None = None, directory: str | None = None) -> None:
+        """Internal: use :meth:`bind` or :meth:`connect`."""
+        self._context = context
+        self._socket = socket
+        self._codec = codec
+        self._is_parent = codec.role == "parent"
+        self.endpoint = endpoint
+        self._cleanup = weakref.finalize(self, _remove_paths, socket_path, directory)
+        self._peer: bytes | None = None
+        self._send_seq = 0
+        self._last_seq = 0
+        self._closed = False
+        self._warn = _WarnLimiter(endpoint)
+        self._stats = {"sent": 0, "received": 0, **{r.value: 0 for r in DropReason}}
+
+    @classmethod
+    def bind(cls, key: bytes, endpoint: str | None = None, *,
+             max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> Channel:
+        """Parent side. ``endpoint``: None or ``"ipc"`` for a socket in a new private 0700
+        directory (removed on close); ``"tcp"`` or ``"tcp://127.0.0.1:*"`` for a random
+        loopback port; or an explicit ``"ipc:///path"`` (must not exist yet) or
+        ``"tcp://host:port"``. The bound address is :attr:`endpoint`; give it and ``key``
+        to the child. IpcError if the path is too long or already exists."""
+        codec = Codec(key, "parent", max_message_bytes=max_message_bytes)
+        socket_path = directory = None
+        if endpoint is None or endpoint == "ipc":
+            endpoint, directory = _private_ipc_endpoint()
+            socket_path = endpoint[len("ipc://"):]
+        elif endpoint.startswith("ipc://"):
+            socket_path = _ipc_path(endpoint)
+        elif endpoint == "tcp":
+            endpoint = "tcp://127.0.0.1:*"
+        elif not endpoint.startswith("tcp://"):
+            raise ValueError(f"endpoint must be None, 'ipc', 'tcp', 'ipc://PATH' or "
+                             f"'tcp://HOST:PORT', got {endpoint!r}")
+        context = zmq.Context(io_threads=1)
+        socket = context.socket(zmq.ROUTER)
+        try:
+            socket.setsockopt(zmq.ROUTER_MANDATORY, 1)
+            socket.setsockopt(zmq.ROUTER_HANDOVER, 1)
+            cls._configure(socket, codec)
+            socket.bind(endpoint)
+            bound = socket.getsockopt_string(zmq.LAST_ENDPOINT)
+        except BaseException:
+            socket.close(linger=0)
+            context.term()
+            _remove_paths(socket_path, directory)
+            raise
+        return cls(context, socket, codec, bound, socket_path, directory)
+
+    @classmethod
+    def connect(cls, endpoint: str, key: bytes, *,
+                max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> Channel:
+        """Child side: connect to the parent's :attr:`endpoint` with the session ``key``.
+        Sending works at once (frames queue until the connection is up)."""
+        codec = Codec(key, "child", max_message_bytes=max_message_bytes)
+        context = zmq.Context(io_threads=1)
+        socket = context.socket(zmq.DEALER)
+        try:
+            # First byte non-zero: libzmq reserves routing ids starting with 0.
+            socket.setsockopt(zmq.ROUTING_ID, b"c" + secrets.token_bytes(15))
+            cls._configure(socket, codec)
+            socket.connect(endpoint)
+        except BaseException:
+            socket.close(linger=0)
+            context.term()
+            raise
+        return cls(context, socket, codec, endpoint)
+
+    @staticmethod
+    def _configure(socket: zmq.Socket, codec: Codec) -> None:
+        # Frames over max_frame_bytes are counted as 'oversized' by the codec; libzmq itself
+        # cuts the connection of a peer sending a frame over twice that, so a hostile peer
+        # cannot make this process allocate arbitrary memory.
+        socket.setsockopt(zmq.MAXMSGSIZE, 2 * codec.max_frame_bytes)
+        socket.setsockopt(zmq.LINGER, 0)
+
+    # --- properties --------------------------------------------------------------------
+
+    @property
+    def role(self) -> Role:
+        """``"parent"`` (bound) or ``"child"`` (connected)."""
+        return self._codec.role
+
+    @property
+    def socket(self) -> zmq.Socket:
+        """The ZeroMQ socket, for ``zmq.Poller`` / asyncio integration; do not send or
+        receive on it directly."""
+        return self._socket
+
+    @property
+    def stats(self) -> dict[str, int]:
+        """Copy of the counters: ``sent``, ``received`` and one per
+        :class:`~ipc.codec.DropReason` value (frames dropped for that reason)."""
+        return dict(self._stats)
+
+    @property
+    def last_seq(self) -> int:
+        """Sequence number of the last message accepted from the peer (0: none yet)."""
+        return self._last_seq
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def fileno(self) -> int:
+        """ZeroMQ's notification fd (``zmq.FD``). It is edge-triggered: once it reads as
+        readable, call :meth:`poll` until it returns None before waiting on it again."""
+        self._check_open()
+        return self._socket.getsockopt(zmq.FD)
+
+    # --- sending -----------------------------------------------------------------------
+
+    def send(self, msg: object, timeout: float | None = DEFAULT_SEND_TIMEOUT_S) -> int:
+        """Send a registered message; returns the sequence number it was given (strictly
+        increasing from 1). Waits at most ``timeout`` seconds (None: no limit) for queue
+        space, then raises IpcTimeoutError. ChannelClosedError if the peer's connection is
+        gone; IpcError on the parent before the child sent its first message; ProtocolError
+        if ``msg`` does not fit its declared types or the size limit."""
+        self._check_open()
+        seq = self._send_seq + 1
+        frame = self._codec.encode(msg, seq)
+        if self._is_parent:
+            if self._peer is None:
+                raise IpcError(f"channel {self.endpoint} has no peer yet: the parent can send "
+                               "only after the child's first message (e.g. Hello) arrived")
+            parts = [self._peer, frame]
+        else:
+            parts = [frame]
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            try:
+                self._socket.send_multipart(parts, flags=zmq.NOBLOCK, copy=True)
+                break
+            except zmq.Again:
+                self._socket.poll(self._wait_ms(deadline, f"send timeout={timeout} s"),
+                                  zmq.POLLOUT)
+            except zmq.ZMQError as err:
+                if err.errno == zmq.EHOSTUNREACH:
+                    raise ChannelClosedError(
+                        f"channel {self.endpoint}: the peer's connection is gone (child "
+                        "exited or disconnected); check the child process") from None
+                raise
+        self._send_seq = seq
+        self._stats["sent"] += 1
+        return seq
+
+    # --- receiving ---------------------------------------------------------------------
+
+    def recv(self, timeout: float | None) -> Any:
+        """Next good message from the peer. Dropped frames do not end the wait; after
+        ``timeout`` seconds (None: no limit) without a good message, IpcTimeoutError."""
+        self._check_open()
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            if self._socket.poll(self._wait_ms(deadline, f"recv timeout={timeout} s"),
+                                 zmq.POLLIN):
+                msg = self.poll()
+                if msg is not None:
+                    return msg
+
+    def poll(self) -> Any | None:
+        """Non-blocking: the next good message already received, or None. Drops (and
+        counts) bad frames on the way. For an engine's step loop."""
+        self._check_open()
+        while True:
+            try:
+                parts = self._socket.recv_multipart(flags=zmq.NOBLOCK, copy=True)
+            except zmq.Again:
+                return None
+            msg = self._accept(parts)
+            if msg is not None:
+                return msg
+
+    def _wait_ms(self, deadline: float | None, setting: str) -> int:
+        """Milliseconds to wait until ``deadline`` (-1: forever); IpcTimeoutError naming
+        ``setting`` once it has passed."""
+        if deadline is None:
+            return -1
+        left = deadline - time.monotonic()
+        if left <= 0:
+            dropped = sum(self._stats[r.value] for r in DropReason)
+            raise IpcTimeoutError(f"channel {self.endpoint}: nothing within {setting} "
+                                  f"({dropped} bad frames dropped so far); raise the timeout "
+                                  "or check the peer process")
+        return max(1, math.ceil(left * 1000))
+
+    def _accept(self, parts: list[bytes]) -> Any | None:
+        """The message in ``parts`` if it passes every check, else None (dropped)."""
+        routing_id = parts[0] if self._is_parent else None
+        frames = parts[1:] if self._is_parent else parts
+        if len(frames) != 1:
+            self._drop(DropReason.MALFORMED, f"{len(frames)} frames in one message, expected 1")
+            return None
+        try:
+            envelope = self._codec.decode(frames[0])
+        except AuthenticationError as err:
+            self._drop(DropReason.UNAUTHENTICATED, str(err))
+            return None
+        except DecodeError as err:
+            if err.seq is not None and err.seq > self._last_seq:
+                # Authenticated, fresh, but unusable: the peer's request gets an answer.
+                self._admit(err.seq, routing_id)
+                self._drop(err.reason, f"seq {err.seq}: {err}")
+                self._reply_error(err)
+            else:
+                self._drop(DropReason.REPLAYED if err.seq is not None else err.reason, str(err))
+            return None
+        if envelope.seq <= self._last_seq:
+            self._drop(DropReason.REPLAYED, f"{envelope.tag} seq {envelope.seq} is not after "
+                       f"the last accepted seq {self._last_seq} (duplicate or replay)")
+            return None
+        self._admit(envelope.seq, routing_id)
+        self._stats["received"] += 1
+        return envelope.message
+
+    def _admit(self, seq: int, routing_id: bytes | None) -> None:
+        self._last_seq = seq
+        if routing_id is not None:
+            self._peer = routing_id
+
+    def _drop(self, reason: DropReason, detail: str) -> None:
+        self._stats[reason.value] += 1
+        self._warn.warn(reason.value, detail)
+
+    def _reply_error(self, err: DecodeError) -> None:
+        if err.tag == _ERROR_TAG:
+            return  # never answer an error reply with another one
+        try:
+            self.send(ErrorReply(err.seq, err.reason.value, str(err)), timeout=0)
+        except IpcError as send_err:
+            logger.warning("ipc channel %s could not answer bad request seq %s: %s",
+                           self.endpoint, err.seq, send_err)
+
+    # --- lifetime ----------------------------------------------------------------------
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ChannelClosedError(f"channel {self.endpoint} is closed; bind or connect a "
+                                     "new one")
+
+    def close(self, linger_ms: int = DEFAULT_LINGER_MS) -> None:
+        """Close the socket, waiting at most ``linger_ms`` for queued frames to leave, stop
+        the ZeroMQ context and remove the socket file and private directory. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        self._socket.close(linger=max(0, int(linger_ms)))
+        self._context.term()
+        self._cleanup()
+
+    def __enter__(self) -> Channel:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else "open"
+        return f"Channel({self.role}, {self.endpoint!r}, {state})"
