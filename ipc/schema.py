@@ -70,7 +70,7 @@ def _type_name(value: object) -> str:
 
 
 def _mismatch(path: str, expected: str, value: object) -> ProtocolError:
-    return ProtocolError(f"field {path!r} expects {expected}, got {_type_name(value)} "
+    return ProtocolError(f"field '{path}' expects {expected}, got {_type_name(value)} "
                          f"({value!r:.60})")
 
 
