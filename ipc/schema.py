@@ -12,7 +12,9 @@ Declare a message type (any package may, e.g. mp_eplb's Rebalance/Ready)::
 
 Allowed field types: ``int``, ``float``, ``bool``, ``str``, ``bytes``, ``X | None``,
 ``list[X]``, ``dict[str, X]`` and other registered message classes (declared earlier),
-nested freely. Checks are exact: ``bool`` is not ``int``, ``int`` is not ``float``,
+nested freely. ``Any`` means plain data: None, scalars, lists and str-keyed dicts of
+plain data, at most 32 levels deep; its owner checks the layout (e.g. a tensor handle dict
+is checked by :mod:`ipc.handles` before it is opened). Checks are exact: ``bool`` is not ``int``, ``int`` is not ``float``,
 subclasses (IntEnum, numpy scalars) are refused. Every field is required on the wire,
 defaults included; a missing or extra field is an error.
 """
@@ -48,6 +50,7 @@ SCHEMA_VERSION = 1
 T = TypeVar("T")
 
 _SCALARS: tuple[type, ...] = (int, float, bool, str, bytes)
+_MAX_PLAIN_DEPTH = 32
 
 
 class _Field:
@@ -126,8 +129,30 @@ def _nested(spec: _Spec) -> _Field:
     return _Field(spec.cls.__name__, to_wire, spec.decode)
 
 
+def _check_plain(value: Any, path: str, depth: int = 0) -> Any:
+    if type(value) in _SCALARS or value is None:
+        return value
+    if depth >= _MAX_PLAIN_DEPTH:
+        raise ProtocolError(f"field '{path}' nests deeper than {_MAX_PLAIN_DEPTH} levels")
+    if type(value) is list:
+        return [_check_plain(v, f"{path}[{i}]", depth + 1) for i, v in enumerate(value)]
+    if type(value) is dict:
+        for k, v in value.items():
+            if type(k) is not str:
+                raise _mismatch(f"{path} key", "str", k)
+            _check_plain(v, f"{path}[{k!r}]", depth + 1)
+        return value
+    raise _mismatch(path, "plain data (None, bool, int, float, str, bytes, list, dict[str, ...])",
+                    value)
+
+
+_PLAIN = _Field("Any", _check_plain, _check_plain)
+
+
 def _field_for(annotation: Any, where: str) -> _Field:
     """Compile a converter for ``annotation``; TypeError names what is not allowed."""
+    if annotation is Any:
+        return _PLAIN
     if annotation in _SCALARS:
         return _scalar(annotation)
     if isinstance(annotation, type) and annotation in _SPECS_BY_CLASS:
@@ -143,7 +168,8 @@ def _field_for(annotation: Any, where: str) -> _Field:
         return _dict(_field_for(args[1], where))
     raise TypeError(
         f"{where}: type {annotation!r} is not allowed in a message; use int, float, bool, "
-        "str, bytes, X | None, list[X], dict[str, X] or a message class registered earlier")
+        "str, bytes, X | None, list[X], dict[str, X], Any (plain data) or a message class "
+        "registered earlier")
 
 
 class _Spec:

@@ -57,6 +57,7 @@ class EveryKind:
     point: Point
     points: list[Point]
     nested: dict[str, list[bytes | None]]
+    plain: dict[str, Any]
 
 
 @message("test_codec.checked")
@@ -72,7 +73,8 @@ def every_kind(**changes: Any) -> EveryKind:
     base = EveryKind(i=-(2**40), f=0.25, b=True, s="héllo", raw=b"\x00\xff", maybe=None,
                      ints=[1, 2, 3], by_name={"a": 1.5, "b": -2.0}, point=Point(7, "p"),
                      points=[Point(1, "a"), Point(2, "b")],
-                     nested={"k": [b"x", None], "empty": []})
+                     nested={"k": [b"x", None], "empty": []},
+                     plain={"handle": [1, b"\x01", None, {"size": 2.5, "ok": False}]})
     return dataclasses.replace(base, **changes)
 
 
@@ -152,6 +154,9 @@ def test_strict_field_checks(pair: tuple[Codec, Codec], tag: str, fields: Any,
     ("by_name", {"a": "1"}, "'test_codec.every_kind.by_name['a']' expects float, got str"),
     ("point", {"x": 1}, "missing fields ['label']"),
     ("nested", {"k": [1]}, "'test_codec.every_kind.nested['k'][0]' expects bytes, got int"),
+    ("plain", {"h": {b"k": 1}}, "'test_codec.every_kind.plain['h'] key' expects str, got bytes"),
+    ("plain", {"h": [[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]},
+     "nests deeper than 32 levels"),
 ])
 def test_strict_nested_checks_name_the_path(pair: tuple[Codec, Codec], path: str, value: Any,
                                             needle: str) -> None:
@@ -173,6 +178,8 @@ def test_encode_checks_fields_too(pair: tuple[Codec, Codec]) -> None:
         parent.encode(every_kind(points=[{"x": 1, "label": "a"}]), seq=1)
     with pytest.raises(ProtocolError, match=r"every_kind.ints' expects list\[int\], got tuple"):
         parent.encode(every_kind(ints=(1, 2)), seq=1)
+    with pytest.raises(ProtocolError, match=r"plain\['h'\]' expects plain data"):
+        parent.encode(every_kind(plain={"h": {1, 2}}), seq=1)
     with pytest.raises(ProtocolError, match="dict is not a registered message type"):
         parent.encode({"progress": 1}, seq=1)
     with pytest.raises(ValueError, match="seq must be an int"):
