@@ -517,4 +517,5 @@ def balancedness(weight: torch.Tensor | np.ndarray, phy2log: torch.Tensor | np.n
     # summed in sorted order so that any arrangement of the same packs gives the same number
     per_rank = np.sort(per_slot.reshape(layers, num_ranks, -1), -1).sum(-1)
     peak = per_rank.max(1)
-    return np.where(peak > 0, per_rank.mean(1) / np.where(peak > 0, peak, 1.0), 1.0)
+    mean = w.sum(1) / num_ranks  # every token lands on some rank
+    return np.where(peak > 0, mean / np.where(peak > 0, peak, 1.0), 1.0)
