@@ -485,6 +485,18 @@ def _check_rank_mapping(rank_mapping: dict[int, int], new_ep_size: int) -> None:
                          f"or -1, got {rank_mapping}")
 
 
+def _relayout(indices: torch.Tensor, rank_mapping: dict[int, int], local: int,
+              num_ranks: int, *, old_to_new: bool) -> torch.Tensor:
+    """Copy each mapped rank's block of ``local`` slots to its counterpart's position in a
+    ``(layers, num_ranks * local)`` map of ``-1``."""
+    mapped = indices.new_full((indices.shape[0], num_ranks * local), -1)
+    for old_rank, new_rank in rank_mapping.items():
+        if new_rank != -1:
+            src, dst = (old_rank, new_rank) if old_to_new else (new_rank, old_rank)
+            mapped[:, dst * local : (dst + 1) * local] = indices[:, src * local : (src + 1) * local]
+    return mapped
+
+
 def _map_old_expert_indices_with_rank_mapping(
     old_global_expert_indices: torch.Tensor, rank_mapping: dict[int, int], new_ep_size: int,
 ) -> torch.Tensor:
@@ -492,17 +504,12 @@ def _map_old_expert_indices_with_rank_mapping(
     ``(layers, new_ep_size * L)``; slots of ranks no old rank maps to are ``-1``."""
     old_ep_size = len(rank_mapping)
     _check_rank_mapping(rank_mapping, new_ep_size)
-    num_layers, old_slots = old_global_expert_indices.shape
+    old_slots = old_global_expert_indices.shape[1]
     if old_slots % old_ep_size:
         raise ValueError(f"old map has {old_slots} slots, not divisible by the {old_ep_size} "
                          "old ranks of rank_mapping")
-    local = old_slots // old_ep_size
-    mapped = old_global_expert_indices.new_full((num_layers, new_ep_size * local), -1)
-    for old_rank, new_rank in rank_mapping.items():
-        if new_rank != -1:
-            mapped[:, new_rank * local : (new_rank + 1) * local] = (
-                old_global_expert_indices[:, old_rank * local : (old_rank + 1) * local])
-    return mapped
+    return _relayout(old_global_expert_indices, rank_mapping, old_slots // old_ep_size,
+                     new_ep_size, old_to_new=True)
 
 
 def _map_new_expert_indices_with_rank_mapping(
@@ -512,17 +519,12 @@ def _map_new_expert_indices_with_rank_mapping(
     ``(layers, old_ep_size * L)``; slots of removed ranks (mapped to -1) are ``-1``."""
     new_ep_size = sum(r != -1 for r in rank_mapping.values())
     _check_rank_mapping(rank_mapping, new_ep_size)
-    num_layers, new_slots = new_global_expert_indices.shape
+    new_slots = new_global_expert_indices.shape[1]
     if new_ep_size == 0 or new_slots % new_ep_size:
         raise ValueError(f"new map has {new_slots} slots, not divisible by the {new_ep_size} "
                          "ranks kept by rank_mapping")
-    local = new_slots // new_ep_size
-    mapped = new_global_expert_indices.new_full((num_layers, len(rank_mapping) * local), -1)
-    for old_rank, new_rank in rank_mapping.items():
-        if new_rank != -1:
-            mapped[:, old_rank * local : (old_rank + 1) * local] = (
-                new_global_expert_indices[:, new_rank * local : (new_rank + 1) * local])
-    return mapped
+    return _relayout(new_global_expert_indices, rank_mapping, new_slots // new_ep_size,
+                     len(rank_mapping), old_to_new=False)
 
 
 def _global_maps(

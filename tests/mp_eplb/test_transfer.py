@@ -19,7 +19,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from mp_eplb.communicator import GlooCommunicator, RowRef
+from mp_eplb.communicator import GlooCommunicator, RowRef, make_communicator
 from mp_eplb.transfer import (
     TransferMetadata,
     _map_new_expert_indices_with_rank_mapping,
@@ -50,10 +50,11 @@ def encode(layer: int, weight_index: int, expert: int, shape: tuple[int, ...],
     return ((base + torch.arange(numel)) % 251).reshape(shape).to(dtype)
 
 
-def make_weights(rank: int, num_local: int, old_map: np.ndarray) -> list[list[torch.Tensor]]:
+def make_weights(rank: int, num_local: int, old_map: np.ndarray,
+                 device: torch.device | str = "cpu") -> list[list[torch.Tensor]]:
     """Weights of ``rank`` holding the experts of ``old_map`` (layers, slots)."""
     return [[torch.stack([encode(layer, i, int(old_map[layer, rank * num_local + r]), shape, dtype)
-                          for r in range(num_local)])
+                          for r in range(num_local)]).to(device)
              for i, (dtype, shape) in enumerate(SPECS)]
             for layer in range(old_map.shape[0])]
 
@@ -69,7 +70,7 @@ def check_weights(weights: list[list[torch.Tensor]], rank: int, num_local: int,
                 if expert == -1:
                     expert = int(old_map[layer, slot])
                 want = encode(layer, i, expert, shape, dtype)
-                assert torch.equal(t[r], want), (
+                assert torch.equal(t[r].cpu(), want), (
                     f"rank {rank} layer {layer} weight {i} row {r}: want expert {expert}, "
                     f"got {t[r].tolist()}")
 
@@ -489,3 +490,47 @@ def test_row_ref_is_frozen() -> None:
     ref = RowRef(layer=1, weight_index=0, row=2)
     with pytest.raises(AttributeError):
         ref.row = 3  # type: ignore[misc]
+
+
+# ------------------------------------------------------------------------ GPU (2 GPUs)
+
+
+def _gpu_worker(rank: int, world: int, name: str) -> None:
+    """Rearrange CUDA weights with the ``name`` communicator (and the default one), then
+    stage a layer on a side stream and apply it on the current stream."""
+    device = torch.device("cuda", rank % torch.cuda.device_count())
+    torch.cuda.set_device(device)
+    group = dist.group.WORLD
+    for seed, max_ops in ((1, 1), (2, 32), (3, None)):
+        old, new = random_maps(seed, 3, world, 4)
+        weights = make_weights(rank, 4, old, device)
+        comm = None if max_ops is None else make_communicator(name, group, max_ops_per_batch=max_ops)
+        rearrange_expert_weights_inplace(torch.from_numpy(old), torch.from_numpy(new), weights,
+                                         group, communicator=comm)
+        torch.cuda.synchronize()
+        check_weights(weights, rank, 4, old, new)
+    old, new = random_maps(4, 2, world, 4)
+    weights = make_weights(rank, 4, old, device)
+    buffers = [torch.empty_like(w) for w in weights[0]]
+    stream = torch.cuda.Stream(device)
+    stream.wait_stream(torch.cuda.current_stream())  # the weights were written on this one
+    comm = make_communicator(name, group, max_ops_per_batch=4)
+    for layer in range(2):
+        metadata = asyncio.run(transfer_layer(torch.from_numpy(old), torch.from_numpy(new), weights,
+                                              buffers, group, layer=layer, cuda_stream=stream,
+                                              communicator=comm))
+        torch.cuda.current_stream().wait_stream(stream)
+        move_from_buffer(weights[layer], buffers, metadata, new[layer], rank)
+        stream.wait_stream(torch.cuda.current_stream())  # buffer reused by the next layer
+    torch.cuda.synchronize()
+    check_weights(weights, rank, 4, old, new)
+
+
+@pytest.mark.gpu
+@pytest.mark.timeout(300)
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2,
+                    reason="needs 2 GPUs")
+@pytest.mark.parametrize("name", ["nccl", "gloo"])
+def test_rearrange_cuda_two_gpus(name: str) -> None:
+    """nccl: NCCL P2P between GPUs; gloo: CUDA tensors staged through pinned host memory."""
+    run_distributed(_gpu_worker, 2, name, backend=name, timeout_s=240)
