@@ -1,8 +1,31 @@
 """mp_eplb: expert-parallel load balancing with the weight transfer in a subprocess.
 
-The public API mirrors vLLM's EPLB functions of the same names so an engine can switch.
+The engine-facing entry point is :class:`EplbState` (configured by :class:`EplbConfig`).
+The functions named like vLLM's (``rebalance_experts``, ``move_to_buffer``,
+``move_from_buffer``, ``transfer_layer``, ``rearrange_expert_weights_inplace``) keep vLLM's
+semantics so an engine can switch.
 """
+
+from mp_eplb.communicator import (EplbCommunicator, GlooCommunicator, NcclCommunicator, RowRef,
+                                  make_communicator)
+from mp_eplb.config import EplbConfig
+from mp_eplb.errors import EplbError, WorkerFailedError, WorkerStartError
+from mp_eplb.maps import RoutingMaps, maps_from_phy2log
+from mp_eplb.peer_pull import CudaIpcPullCommunicator
+from mp_eplb.policy import balancedness, rebalance_experts
+from mp_eplb.state import EplbState, RebalanceRecord, StepReport
+from mp_eplb.transfer import (TransferMetadata, get_ep_ranks_with_experts_batch, move_from_buffer,
+                              move_to_buffer, rearrange_expert_weights_inplace, transfer_layer)
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__"]
+__all__ = [
+    "__version__",
+    "EplbConfig", "EplbState", "StepReport", "RebalanceRecord",
+    "EplbError", "WorkerFailedError", "WorkerStartError",
+    "rebalance_experts", "balancedness", "RoutingMaps", "maps_from_phy2log",
+    "TransferMetadata", "get_ep_ranks_with_experts_batch", "move_to_buffer", "move_from_buffer",
+    "transfer_layer", "rearrange_expert_weights_inplace",
+    "EplbCommunicator", "NcclCommunicator", "GlooCommunicator", "CudaIpcPullCommunicator",
+    "RowRef", "make_communicator",
+]

@@ -1,0 +1,312 @@
+"""Where the transfer worker runs: a subprocess (process mode) or a thread (thread mode).
+
+Both backends give :class:`~mp_eplb.state.EplbState` the same surface: the staging buffers
+and load window it writes, ``send``/``poll`` of :mod:`mp_eplb.messages`, liveness, GPU event
+hooks, and ``close``. The worker logic itself (:mod:`mp_eplb.serve`, :mod:`mp_eplb.worker`)
+is the same in both.
+"""
+
+from __future__ import annotations
+
+import abc
+import logging
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+import traceback
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.distributed as dist
+
+from ipc import handles
+from ipc.channel import Channel
+from ipc.codec import key_to_env, new_session_key
+from ipc.errors import IpcError, IpcTimeoutError
+from ipc.events import SharedEvent
+from ipc.schema import Hello, Shutdown
+from mp_eplb.errors import WorkerStartError
+from mp_eplb.messages import PROTOCOL_VERSION, Setup, SetupDone, WorkerError
+from mp_eplb.serve import QueueLink, StreamEvents, serve
+from mp_eplb.worker import build_worker
+
+if TYPE_CHECKING:
+    from mp_eplb.state import EplbState
+
+__all__ = ["WorkerBackend", "ProcessBackend", "ThreadBackend", "make_backend",
+           "ENDPOINT_ENV", "PARENT_PID_ENV", "START_TIMEOUT_ENV"]
+
+logger = logging.getLogger(__name__)
+
+#: Environment variables the engine sets for its transfer subprocess.
+ENDPOINT_ENV = "MP_EPLB_ENDPOINT"
+PARENT_PID_ENV = "MP_EPLB_PARENT_PID"
+START_TIMEOUT_ENV = "MP_EPLB_START_TIMEOUT_S"
+#: Seconds a worker gets to exit after ``Shutdown`` before terminate, then kill.
+SHUTDOWN_GRACE_S = 5.0
+
+
+class WorkerBackend(abc.ABC):
+    """The engine's side of one transfer worker.
+
+    ``buffers[slot][i]`` mirror ``expert_weights[layer][i]`` (one layer of this rank's slots);
+    ``load_window`` is ``[window, layers, logical]`` int64. The engine owns all of them.
+    """
+
+    buffers: list[list[torch.Tensor]]
+    load_window: torch.Tensor
+
+    def __init__(self, state: EplbState) -> None:
+        self.state = state
+        self._cuda = state.device.type == "cuda"
+
+    @abc.abstractmethod
+    def send(self, msg: Any) -> None: ...
+
+    @abc.abstractmethod
+    def poll(self) -> Any | None: ...
+
+    @abc.abstractmethod
+    def alive(self) -> bool: ...
+
+    @abc.abstractmethod
+    def exit_description(self) -> str: ...
+
+    @abc.abstractmethod
+    def close(self) -> None: ...
+
+    # GPU ordering: events[0] after the load window is written, events[1 + slot] after the
+    # engine's last read of a staging buffer. Recorded on the engine's current stream.
+    events: list[Any]
+
+    def record_load_event(self) -> None:
+        if self.events:
+            self.events[0].record(torch.cuda.current_stream(self.state.device))
+
+    def release_slot(self, slot: int) -> None:
+        if self.events:
+            self.events[1 + slot].record(torch.cuda.current_stream(self.state.device))
+
+
+def make_backend(state: EplbState) -> WorkerBackend:
+    """Start the worker of ``state.config.mode`` (collective over the engine's ranks)."""
+    if state.config.mode == "process":
+        return ProcessBackend(state)
+    return ThreadBackend(state)
+
+
+def _rendezvous(state: EplbState) -> str:
+    """The workers' process-group address: the configured one, or a free port picked by
+    rank 0 on 127.0.0.1 and shared over the engine's CPU group (single node only)."""
+    if state.config.rendezvous is not None:
+        return state.config.rendezvous
+    port = torch.zeros(1, dtype=torch.int64)
+    if state.rank == 0:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port[0] = s.getsockname()[1]
+    if state.world_size > 1:
+        dist.broadcast(port, src=dist.get_global_rank(state.cpu_group, 0), group=state.cpu_group)
+    return f"tcp://127.0.0.1:{int(port.item())}"
+
+
+class ProcessBackend(WorkerBackend):
+    """A transfer subprocess (``python -m mp_eplb.worker_process``) talking over ZeroMQ.
+
+    The weights are re-homed into shareable memory, staging buffers, load window and events
+    are allocated here and exported as handles; the session key reaches the child through
+    its environment, never its command line.
+    """
+
+    def __init__(self, state: EplbState) -> None:
+        super().__init__(state)
+        cfg = state.config
+        device = state.device
+        for layer in state.expert_weights:
+            for t in layer:
+                _rehome_shared(t)
+        self.buffers = [[handles.shared_empty(t.shape, t.dtype, device)
+                         for t in state.expert_weights[0]]
+                        for _ in range(cfg.num_staging_buffers)]
+        self.load_window = handles.shared_empty(state._window_shape(), torch.int64, device)
+        self.load_window.zero_()
+        self.events = ([SharedEvent.create(device) for _ in range(1 + cfg.num_staging_buffers)]
+                       if self._cuda else [])
+        rendezvous = _rendezvous(state)
+        key = new_session_key()
+        self.channel = Channel.bind(key, cfg.endpoint)
+        env = dict(os.environ)
+        key_to_env(key, env)
+        env[ENDPOINT_ENV] = self.channel.endpoint
+        env[PARENT_PID_ENV] = str(os.getpid())
+        env[START_TIMEOUT_ENV] = str(cfg.start_timeout_s)
+        started = time.monotonic()
+        self.proc = subprocess.Popen([sys.executable, "-m", "mp_eplb.worker_process"], env=env,
+                                     stdin=subprocess.DEVNULL, close_fds=True)
+        try:
+            hello = self._expect(Hello, cfg.start_timeout_s)
+            if hello.protocol_version != PROTOCOL_VERSION:
+                raise WorkerStartError(
+                    f"transfer worker speaks protocol {hello.protocol_version}, this engine "
+                    f"{PROTOCOL_VERSION}: install the same mp_eplb for both")
+            self.channel.send(self._setup_message(rendezvous))
+            done = self._expect(SetupDone, cfg.start_timeout_s)
+        except BaseException:
+            self.close()
+            raise
+        self.start_s = time.monotonic() - started
+        logger.info("rank %d: transfer worker pid %d ready in %.2f s", state.rank, done.pid,
+                    self.start_s)
+
+    def _setup_message(self, rendezvous: str) -> Setup:
+        s = self.state
+        return Setup(
+            topology=s.topology, communicator=s.config.resolved_communicator(s.device.type), rendezvous=rendezvous,
+            device=str(s.device),
+            weights=[[handles.export_tensor(t) for t in layer] for layer in s.expert_weights],
+            buffers=[[handles.export_tensor(t) for t in slot] for slot in self.buffers],
+            load_window=handles.export_tensor(self.load_window),
+            events=[e.export() for e in self.events],
+            collective_timeout_s=float(s.config.layer_timeout_s))
+
+    def _expect(self, kind: type, timeout_s: float) -> Any:
+        """Wait for a message of ``kind``, watching the child; WorkerStartError otherwise."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            if self.proc.poll() is not None:
+                raise WorkerStartError(f"transfer worker exited during start-up "
+                                       f"({self.exit_description()}); see its log above")
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise WorkerStartError(f"no {kind.__name__} from the transfer worker within "
+                                       f"EplbConfig.start_timeout_s={timeout_s} s")
+            try:
+                msg = self.channel.recv(timeout=min(remaining, 0.2))
+            except IpcTimeoutError:
+                continue
+            if isinstance(msg, WorkerError):
+                raise WorkerStartError(f"transfer worker failed to start: {msg.kind}: {msg.detail}")
+            if isinstance(msg, kind):
+                return msg
+            logger.warning("rank %d: unexpected %s during worker start-up", self.state.rank,
+                           type(msg).__name__)
+
+    def send(self, msg: Any) -> None:
+        self.channel.send(msg)
+
+    def poll(self) -> Any | None:
+        return self.channel.poll()
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def exit_description(self) -> str:
+        code = self.proc.poll()
+        if code is None:
+            return "still running"
+        return f"killed by signal {-code}" if code < 0 else f"exit code {code}"
+
+    def close(self) -> None:
+        """Ask the worker to stop, then terminate, then kill; free the shared memory."""
+        if getattr(self, "proc", None) is not None and self.proc.poll() is None:
+            try:
+                self.channel.send(Shutdown(reason="engine shutdown"))
+            except IpcError:
+                pass
+            for action in (None, self.proc.terminate, self.proc.kill):
+                if action is not None:
+                    action()
+                try:
+                    self.proc.wait(timeout=SHUTDOWN_GRACE_S)
+                    break
+                except subprocess.TimeoutExpired:
+                    logger.warning("rank %d: transfer worker did not exit in %.0f s; escalating",
+                                   self.state.rank, SHUTDOWN_GRACE_S)
+        if getattr(self, "channel", None) is not None:
+            self.channel.close()
+        for slot in getattr(self, "buffers", []):
+            for t in slot:
+                handles.release(t)
+        if getattr(self, "load_window", None) is not None:
+            handles.release(self.load_window)
+
+
+def _rehome_shared(t: torch.Tensor) -> None:
+    """Move ``t``'s data into a shareable allocation, in place (``t`` keeps its identity)."""
+    try:
+        handles.export_tensor(t)
+        return
+    except IpcError:
+        pass
+    shared = handles.shared_empty(t.shape, t.dtype, t.device)
+    shared.copy_(t)
+    with torch.no_grad():
+        t.set_(shared)
+
+
+class ThreadBackend(WorkerBackend):
+    """The same worker on a thread of the engine process (vLLM-style baseline). The thread
+    gets its own process group (created here, collectively) so its P2P traffic never
+    interleaves with the engine's collectives."""
+
+    def __init__(self, state: EplbState) -> None:
+        super().__init__(state)
+        cfg = state.config
+        device = state.device
+        self.buffers = [[torch.empty_like(t) for t in state.expert_weights[0]]
+                        for _ in range(cfg.num_staging_buffers)]
+        self.load_window = torch.zeros(state._window_shape(), dtype=torch.int64, device=device)
+        self.events = ([torch.cuda.Event() for _ in range(1 + cfg.num_staging_buffers)]
+                       if self._cuda else [])
+        self._link, worker_link = QueueLink.pair()
+        self._error: BaseException | None = None
+        worker = build_worker(
+            topology=state.topology, communicator=cfg.resolved_communicator(device.type), device=device,
+            weights=state.expert_weights, buffers=self.buffers, load_window=self.load_window,
+            group=_thread_group(state))
+        self._thread = threading.Thread(
+            target=self._run, args=(worker, worker_link), name=f"eplb-transfer-{state.rank}",
+            daemon=True)
+        self._thread.start()
+
+    def _run(self, worker, link: QueueLink) -> None:
+        if self._cuda:
+            torch.cuda.set_device(self.state.device)
+        try:
+            serve(worker, link, StreamEvents(self.events),
+                  num_slots=self.state.config.num_staging_buffers,
+                  layer_timeout_s=self.state.config.layer_timeout_s)
+        except BaseException as err:  # reported to the engine, which abandons the rebalance
+            self._error = err
+            logger.error("transfer thread failed:\n%s", traceback.format_exc())
+            link.send(WorkerError(rebalance_id=-1, kind=type(err).__name__, detail=str(err)))
+
+    def send(self, msg: Any) -> None:
+        self._link.send(msg)
+
+    def poll(self) -> Any | None:
+        return self._link.poll()
+
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def exit_description(self) -> str:
+        return "running" if self.alive() else f"thread ended ({self._error!r})"
+
+    def close(self) -> None:
+        if self._thread.is_alive():
+            self._link.send(Shutdown(reason="engine shutdown"))
+            self._thread.join(timeout=SHUTDOWN_GRACE_S + self.state.config.layer_timeout_s)
+            if self._thread.is_alive():
+                logger.warning("rank %d: transfer thread did not stop; leaving it (daemon)",
+                               self.state.rank)
+
+
+def _thread_group(state: EplbState) -> dist.ProcessGroup | None:
+    if state.world_size == 1:
+        return None
+    backend = "nccl" if state.config.resolved_communicator(state.device.type) == "nccl" else "gloo"
+    return dist.new_group(ranks=list(range(state.world_size)), backend=backend)

@@ -1,0 +1,173 @@
+"""Wire types between an engine rank and its transfer worker (schema only, no transport).
+
+Arrays travel as raw little-endian int64 bytes with their shape (see :func:`pack_int64`);
+tensor and event handles travel as the plain dicts :mod:`ipc` exports. Sequence numbers,
+versioning and authentication are the channel's business (:mod:`ipc.channel`).
+
+Engine -> worker: :class:`Setup`, :class:`Rebalance`, :class:`BufferFree`, :class:`Abort`,
+``ipc.schema.Shutdown``. Worker -> engine: :class:`SetupDone`, :class:`Plan`,
+:class:`LayerReady`, :class:`RebalanceDone`, :class:`WorkerError`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from ipc.schema import message
+
+__all__ = [
+    "PROTOCOL_VERSION", "WorkerTopology", "Setup", "SetupDone", "Rebalance", "Plan", "LayerReady", "BufferFree", "Abort",
+    "RebalanceDone", "WorkerError", "pack_int64", "unpack_int64",
+]
+
+#: Version of this application protocol, exchanged in ``ipc.schema.Hello``.
+PROTOCOL_VERSION = 1
+
+
+def pack_int64(array: np.ndarray) -> bytes:
+    """Raw little-endian int64 bytes of ``array`` (C order)."""
+    return np.ascontiguousarray(array, dtype="<i8").tobytes()
+
+
+def unpack_int64(data: bytes, shape: tuple[int, ...] | list[int]) -> np.ndarray:
+    """Inverse of :func:`pack_int64`; ``ValueError`` if the byte count does not fit ``shape``."""
+    shape = tuple(int(s) for s in shape)
+    expected = 8 * int(np.prod(shape, dtype=np.int64))
+    if len(data) != expected:
+        raise ValueError(f"int64 array of shape {shape} needs {expected} bytes, got {len(data)}")
+    return np.frombuffer(data, dtype="<i8").reshape(shape).astype(np.int64)
+
+
+@message("eplb.topology")
+@dataclass(frozen=True)
+class WorkerTopology:
+    """The model and expert-parallel layout a worker serves."""
+
+    rank: int
+    world_size: int
+    num_logical: int
+    num_groups: int
+    num_redundant: int
+    ranks_per_node: int
+    max_ops_per_batch: int
+
+    @property
+    def num_nodes(self) -> int:
+        return self.world_size // self.ranks_per_node
+
+
+@message("eplb.setup")
+@dataclass(frozen=True)
+class Setup:
+    """Everything the worker needs, sent once after the handshake.
+
+    ``weights[layer][i]``, ``buffers[slot][i]``: tensor handles (engine-owned memory).
+    ``load_window``: handle of the ``[window, layers, logical]`` int64 load window.
+    ``events``: interprocess CUDA event handles: ``events[0]`` is recorded by the engine when
+    it asks for a rebalance (the load window is complete up to then), ``events[1 + slot]``
+    after its last read of staging buffer ``slot``. Empty on CPU.
+    """
+
+    topology: WorkerTopology
+    communicator: str
+    rendezvous: str
+    device: str
+    weights: list[list[dict[str, Any]]]
+    buffers: list[list[dict[str, Any]]]
+    load_window: dict[str, Any]
+    events: list[dict[str, Any]]
+    collective_timeout_s: float
+
+
+@message("eplb.setup_done")
+@dataclass(frozen=True)
+class SetupDone:
+    """The worker opened every handle and joined its process group."""
+
+    pid: int
+
+
+@message("eplb.rebalance")
+@dataclass(frozen=True)
+class Rebalance:
+    """Start rebalance ``rebalance_id`` from the engine's current placement ``phy2log``
+    (int64 ``[layers, physical]``, :func:`pack_int64`), asked at engine step ``step``."""
+
+    rebalance_id: int
+    step: int
+    phy2log: bytes
+    shape: list[int]
+
+
+@message("eplb.plan")
+@dataclass(frozen=True)
+class Plan:
+    """The new placement of every layer (identical on all ranks) and the layers that change,
+    in the order they will be staged."""
+
+    rebalance_id: int
+    layers: list[int]
+    phy2log: bytes
+    shape: list[int]
+    policy_s: float
+
+
+@message("eplb.ready")
+@dataclass(frozen=True)
+class LayerReady:
+    """Plan entry ``index`` (layer ``layer``) is complete in staging buffer ``slot``.
+
+    ``metadata`` is ``TransferMetadata.to_wire()`` of the layer.
+    """
+
+    rebalance_id: int
+    index: int
+    layer: int
+    slot: int
+    metadata: dict[str, Any]
+
+
+@message("eplb.free")
+@dataclass(frozen=True)
+class BufferFree:
+    """The engine is done with ``slot`` (its event is recorded after the last read);
+    ``committed`` says whether the layer in it was applied."""
+
+    rebalance_id: int
+    slot: int
+    layer: int
+    committed: bool
+
+
+@message("eplb.abort")
+@dataclass(frozen=True)
+class Abort:
+    """Stop rebalance ``rebalance_id``: every rank abandons the layers not yet committed."""
+
+    rebalance_id: int
+    reason: str
+
+
+@message("eplb.done")
+@dataclass(frozen=True)
+class RebalanceDone:
+    """The worker has finished (or stopped) ``rebalance_id``; figures for the engine's stats."""
+
+    rebalance_id: int
+    layers_staged: int
+    bytes_staged: int
+    stage_s: float
+    aborted: bool
+
+
+@message("eplb.error")
+@dataclass(frozen=True)
+class WorkerError:
+    """The worker hit an exception; it sends this before it exits."""
+
+    rebalance_id: int
+    kind: str
+    detail: str

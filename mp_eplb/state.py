@@ -1,0 +1,445 @@
+"""EplbState: what the engine holds and calls once per forward step.
+
+The engine builds one per rank with that rank's expert weights. Each step it hands over the
+step's per-slot expert load; every ``step_interval`` steps a rebalance starts. In ``process``
+mode a transfer subprocess (``thread`` mode: a thread) plans it and stages layers into
+staging buffers; the engine applies a layer (``move_from_buffer`` plus the routing maps) only
+once every rank has it staged, and all ranks apply it at the same step. ``sync`` mode does the
+whole rearrangement in one blocking call.
+
+Commit protocol (invariants 1 and 2): while a rebalance is in flight, every rank contributes
+``[layers staged here, plan received here, no local failure]`` to one MIN all-reduce of three
+int64 on the engine's CPU group per step; all ranks then commit the same layers, or abandon
+the rebalance together. Outside a rebalance there is no collective at all.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from mp_eplb.backends import WorkerBackend, make_backend
+from mp_eplb.config import EplbConfig
+from mp_eplb.errors import EplbError, WorkerFailedError
+from mp_eplb.maps import RoutingMaps, maps_from_phy2log, validate_phy2log
+from mp_eplb.messages import (Abort, BufferFree, LayerReady, Plan, Rebalance, RebalanceDone,
+                              WorkerError, WorkerTopology, pack_int64, unpack_int64)
+from mp_eplb.policy import rebalance_experts
+from mp_eplb.transfer import TransferMetadata, move_from_buffer, rearrange_expert_weights_inplace
+
+__all__ = ["EplbState", "StepReport", "RebalanceRecord"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class StepReport:
+    """What one :meth:`EplbState.step` did."""
+
+    committed_layers: list[int]
+    rebalance_active: bool
+    rebalance_started: bool
+    rebalance_finished: bool
+
+
+@dataclass
+class RebalanceRecord:
+    """History of one rebalance (times in seconds, ``perf_counter`` clock)."""
+
+    rebalance_id: int
+    start_step: int
+    started_at: float
+    end_step: int | None = None
+    ended_at: float | None = None
+    layers_planned: int | None = None
+    layers_committed: list[int] = field(default_factory=list)
+    commit_steps: list[int] = field(default_factory=list)
+    commit_s: list[float] = field(default_factory=list)
+    agreement_s: list[float] = field(default_factory=list)
+    policy_s: float | None = None
+    bytes_staged: int | None = None
+    stage_s: float | None = None
+    aborted: bool = False
+    reason: str = ""
+
+
+@dataclass
+class _InFlight:
+    """Engine-side state of the rebalance in progress."""
+
+    record: RebalanceRecord
+    plan: Plan | None = None
+    maps: RoutingMaps | None = None
+    ready: list[LayerReady] = field(default_factory=list)
+    committed: int = 0
+    last_progress: float = field(default_factory=time.monotonic)
+    failure: str = ""
+
+
+class EplbState:
+    """Expert-parallel load balancer of one engine rank.
+
+    ``expert_weights[layer]`` is a sequence of tensors ``[num_local_slots, ...]`` (any width,
+    dtype; all on one device, contiguous). In ``process`` mode they are re-homed in place into
+    shareable allocations (the tensor objects keep their identity; their ``data`` moves).
+    ``cpu_group``: a gloo group over the engine's ranks, used only for the per-step agreement
+    during a rebalance and at init. ``ep_group``: the engine's device group, used by ``sync``
+    mode for the transfer (defaults to ``cpu_group``).
+    The routing maps are tensors on the weights' device, updated in place at commits.
+    """
+
+    def __init__(self, expert_weights: Sequence[Sequence[torch.Tensor]], *, rank: int,
+                 world_size: int, num_logical_experts: int, num_groups: int = 1,
+                 config: EplbConfig | None = None,
+                 cpu_group: dist.ProcessGroup | None = None,
+                 ep_group: dist.ProcessGroup | None = None,
+                 initial_phy2log: np.ndarray | torch.Tensor | None = None) -> None:
+        self.config = config if config is not None else EplbConfig()
+        if not (isinstance(world_size, int) and world_size >= 1 and 0 <= rank < world_size):
+            raise ValueError(f"rank={rank!r} and world_size={world_size!r} must satisfy "
+                             "0 <= rank < world_size")
+        if world_size > 1 and cpu_group is None:
+            raise ValueError("cpu_group (a gloo group over the engine's ranks) is required "
+                             "when world_size > 1")
+        self.rank, self.world_size = rank, world_size
+        self.num_logical = num_logical_experts
+        self.num_groups = num_groups
+        self.cpu_group, self.ep_group = cpu_group, ep_group or cpu_group
+        self.expert_weights = _validate_weights(expert_weights)
+        self.device = self.expert_weights[0][0].device
+        self.num_layers = len(self.expert_weights)
+        self.num_local = self.expert_weights[0][0].shape[0]
+        self.num_physical = self.num_local * world_size
+        redundant = self.num_physical - num_logical_experts
+        if redundant != self.config.num_redundant_experts:
+            raise ValueError(
+                f"{world_size} ranks x {self.num_local} local slots = {self.num_physical} physical "
+                f"slots, but num_logical_experts={num_logical_experts} + "
+                f"EplbConfig.num_redundant_experts={self.config.num_redundant_experts} = "
+                f"{num_logical_experts + self.config.num_redundant_experts}; make them agree")
+        ranks_per_node = self.config.ranks_per_node or world_size
+        if world_size % ranks_per_node:
+            raise ValueError(f"EplbConfig.ranks_per_node={ranks_per_node} must divide "
+                             f"world_size={world_size}")
+        self.ranks_per_node = ranks_per_node
+        self.topology = WorkerTopology(
+            rank=rank, world_size=world_size, num_logical=num_logical_experts,
+            num_groups=num_groups, num_redundant=redundant, ranks_per_node=ranks_per_node,
+            max_ops_per_batch=self.config.max_ops_per_batch)
+        if initial_phy2log is None:
+            initial_phy2log = np.tile(np.arange(self.num_physical) % num_logical_experts,
+                                      (self.num_layers, 1))
+        phy2log = validate_phy2log(np.asarray(initial_phy2log), num_logical_experts,
+                                   "initial_phy2log")
+        if phy2log.shape != (self.num_layers, self.num_physical):
+            raise ValueError(f"initial_phy2log has shape {phy2log.shape}, expected "
+                             f"({self.num_layers}, {self.num_physical}) [layers, physical slots]")
+        maps = maps_from_phy2log(phy2log, num_logical_experts, redundant + 1)
+        self._phy2log = maps.phy2log.copy()
+        self.physical_to_logical_map = torch.as_tensor(maps.phy2log, device=self.device)
+        self.logical_to_physical_map = torch.as_tensor(maps.log2phy, device=self.device)
+        self.logical_replica_count = torch.as_tensor(maps.logcnt, device=self.device)
+        self._load_index = self.physical_to_logical_map.clamp(min=0)
+        self._slot_valid = (self.physical_to_logical_map >= 0).to(torch.int64)
+
+        self.step_count = 0
+        self.history: list[RebalanceRecord] = []
+        self.last_error: EplbError | None = None
+        self._inflight: _InFlight | None = None
+        self._next_id = 0
+        self._backend: WorkerBackend | None = None
+        self.load_window: torch.Tensor
+        if self.config.mode == "sync":
+            self.load_window = torch.zeros(self._window_shape(), dtype=torch.int64,
+                                           device=self.device)
+        else:
+            self._backend = make_backend(self)
+            self.load_window = self._backend.load_window
+
+    # -- engine-facing API ------------------------------------------------------------------
+
+    def step(self, expert_load: torch.Tensor) -> StepReport:
+        """Record this step's load and advance the rebalance. Call once per forward step,
+        at the same point of the step on every rank.
+
+        ``expert_load``: ``[layers, physical slots]`` int64 tokens this rank routed to each
+        physical slot this step (any device is accepted; the weights' device avoids a copy).
+        Committed layers have new weights and maps when this returns.
+        """
+        self._record_load(expert_load)
+        self.step_count += 1
+        started = finished = False
+        committed: list[int] = []
+        if self._inflight is not None:
+            committed, finished = self._advance()
+        elif self.step_count % self.config.step_interval == 0:
+            started = True
+            if self.config.mode == "sync":
+                committed = self._rearrange_now()
+                finished = True
+            else:
+                self._start()
+                committed, finished = self._advance()
+        return StepReport(committed_layers=committed,
+                          rebalance_active=self._inflight is not None,
+                          rebalance_started=started, rebalance_finished=finished)
+
+    @property
+    def rebalance_active(self) -> bool:
+        return self._inflight is not None
+
+    def shutdown(self) -> None:
+        """Stop the worker (escalating to kill past its deadline) and free shared memory.
+        A rebalance in flight is abandoned; committed layers stay. Idempotent."""
+        if self._backend is not None:
+            self._backend.close()
+            self._backend = None
+        self._inflight = None
+
+    def __enter__(self) -> EplbState:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()
+
+    # -- load window ------------------------------------------------------------------------
+
+    def _window_shape(self) -> tuple[int, int, int]:
+        return (self.config.window_size, self.num_layers, self.num_logical)
+
+    def _record_load(self, expert_load: torch.Tensor) -> None:
+        if tuple(expert_load.shape) != (self.num_layers, self.num_physical):
+            raise ValueError(f"expert_load has shape {tuple(expert_load.shape)}, expected "
+                             f"({self.num_layers}, {self.num_physical}) [layers, physical slots]")
+        row = self.load_window[self.step_count % self.config.window_size]
+        load = expert_load.to(device=self.device, dtype=torch.int64, non_blocking=True)
+        row.zero_()
+        row.scatter_add_(1, self._load_index, load * self._slot_valid)
+
+    # -- sync mode --------------------------------------------------------------------------
+
+    def _rearrange_now(self) -> list[int]:
+        record = RebalanceRecord(self._next_id, self.step_count, time.perf_counter())
+        self._next_id += 1
+        load = self.load_window.sum(dim=0).cpu()
+        if self.world_size > 1:
+            dist.all_reduce(load, group=self.cpu_group)
+        t0 = time.perf_counter()
+        num_groups = self.num_groups if self.num_logical % self.num_groups == 0 else 1
+        new, _, _ = rebalance_experts(load.numpy(), self.num_physical, num_groups,
+                                      self.world_size // self.ranks_per_node, self.world_size,
+                                      old_phy2log=self._phy2log,
+                                      max_replicas=self.config.num_redundant_experts + 1)
+        record.policy_s = time.perf_counter() - t0
+        maps = maps_from_phy2log(np.asarray(new), self.num_logical,
+                                 self.config.num_redundant_experts + 1)
+        layers = [int(x) for x in np.nonzero((maps.phy2log != self._phy2log).any(axis=1))[0]]
+        rearrange_expert_weights_inplace(
+            torch.as_tensor(self._phy2log), torch.as_tensor(maps.phy2log), self.expert_weights,
+            self.ep_group, rank_mapping=None)
+        for layer in layers:
+            self._switch_maps(layer, maps)
+        if self.device.type == "cuda":
+            torch.cuda.current_stream().synchronize()
+        record.layers_planned = len(layers)
+        record.layers_committed = layers
+        record.commit_steps = [self.step_count] * len(layers)
+        record.end_step, record.ended_at = self.step_count, time.perf_counter()
+        self.history.append(record)
+        return layers
+
+    # -- process / thread mode --------------------------------------------------------------
+
+    def _start(self) -> None:
+        assert self._backend is not None
+        record = RebalanceRecord(self._next_id, self.step_count, time.perf_counter())
+        self._next_id += 1
+        self._inflight = _InFlight(record)
+        self.history.append(record)
+        if not self._backend.alive():
+            self._inflight.failure = "transfer worker is not running"
+            return
+        self._backend.record_load_event()
+        self._backend.send(Rebalance(rebalance_id=record.rebalance_id, step=self.step_count,
+                                     phy2log=pack_int64(self._phy2log),
+                                     shape=list(self._phy2log.shape)))
+
+    def _advance(self) -> tuple[list[int], bool]:
+        flight = self._inflight
+        assert flight is not None and self._backend is not None
+        self._take_messages(flight)
+        self._check_worker(flight)
+        t0 = time.perf_counter()
+        staged, has_plan, ok = self._agree(flight)
+        flight.record.agreement_s.append(time.perf_counter() - t0)
+        if not ok:
+            self._abandon(flight, flight.failure or "a peer rank's transfer failed")
+            return [], True
+        committed: list[int] = []
+        if has_plan:
+            limit = min(staged, flight.committed + self.config.layers_per_step)
+            while flight.committed < limit:
+                committed.append(self._commit(flight, flight.committed))
+                flight.committed += 1
+            if flight.committed == len(flight.plan.layers):
+                self._finish(flight)
+                return committed, True
+        return committed, False
+
+    def _agree(self, flight: _InFlight) -> tuple[int, bool, bool]:
+        """One MIN all-reduce over the engine's ranks: staged layers, plan seen, healthy."""
+        status = torch.tensor([len(flight.ready), int(flight.plan is not None),
+                               int(not flight.failure)], dtype=torch.int64)
+        if self.world_size > 1:
+            dist.all_reduce(status, op=dist.ReduceOp.MIN, group=self.cpu_group)
+        staged, has_plan, ok = (int(v) for v in status.tolist())
+        return staged, bool(has_plan), bool(ok)
+
+    def _take_messages(self, flight: _InFlight) -> None:
+        rid = flight.record.rebalance_id
+        while (msg := self._backend.poll()) is not None:
+            if isinstance(msg, WorkerError):
+                self._fail(flight, f"transfer worker failed: {msg.kind}: {msg.detail}")
+                continue
+            if getattr(msg, "rebalance_id", rid) != rid:
+                logger.debug("rank %d: dropping %s of rebalance %s", self.rank,
+                             type(msg).__name__, msg.rebalance_id)
+                continue
+            if isinstance(msg, Plan):
+                self._accept_plan(flight, msg)
+            elif isinstance(msg, LayerReady):
+                self._accept_ready(flight, msg)
+            elif isinstance(msg, RebalanceDone):
+                flight.record.bytes_staged = msg.bytes_staged
+                flight.record.stage_s = msg.stage_s
+            else:
+                logger.warning("rank %d: unexpected %s during a rebalance", self.rank,
+                               type(msg).__name__)
+
+    def _accept_plan(self, flight: _InFlight, msg: Plan) -> None:
+        try:
+            new = unpack_int64(msg.phy2log, msg.shape)
+            if new.shape != self._phy2log.shape:
+                raise ValueError(f"plan shape {new.shape} != {self._phy2log.shape}")
+            maps = maps_from_phy2log(new, self.num_logical, self.config.num_redundant_experts + 1)
+            changed = [int(x) for x in np.nonzero((new != self._phy2log).any(axis=1))[0]]
+            if changed != list(msg.layers):
+                raise ValueError(f"plan lists layers {msg.layers} but its maps change {changed}")
+        except ValueError as err:
+            self._fail(flight, f"invalid plan from the transfer worker: {err}")
+            return
+        flight.plan, flight.maps = msg, maps
+        flight.record.layers_planned = len(msg.layers)
+        flight.record.policy_s = msg.policy_s
+        flight.last_progress = time.monotonic()
+
+    def _accept_ready(self, flight: _InFlight, msg: LayerReady) -> None:
+        index = len(flight.ready)
+        if (flight.plan is None or msg.index != index or index >= len(flight.plan.layers)
+                or msg.layer != flight.plan.layers[index]
+                or not 0 <= msg.slot < self.config.num_staging_buffers):
+            self._fail(flight, f"out-of-order or invalid ready message (index {msg.index}, "
+                               f"layer {msg.layer}, slot {msg.slot}; expected index {index})")
+            return
+        try:
+            TransferMetadata.from_wire(msg.metadata)
+        except ValueError as err:
+            self._fail(flight, f"invalid transfer metadata for layer {msg.layer}: {err}")
+            return
+        flight.ready.append(msg)
+        flight.last_progress = time.monotonic()
+
+    def _check_worker(self, flight: _InFlight) -> None:
+        if flight.failure:
+            return
+        if not self._backend.alive():
+            self._fail(flight, f"transfer worker exited ({self._backend.exit_description()})")
+            return
+        waiting = flight.plan is None or (
+            len(flight.ready) < len(flight.plan.layers)
+            and len(flight.ready) - flight.committed < self.config.num_staging_buffers)
+        idle = time.monotonic() - flight.last_progress
+        if waiting and idle > self.config.layer_timeout_s:
+            self._fail(flight, f"no progress from the transfer worker for {idle:.1f} s "
+                               f"(EplbConfig.layer_timeout_s={self.config.layer_timeout_s})")
+
+    def _fail(self, flight: _InFlight, reason: str) -> None:
+        if not flight.failure:
+            logger.error("rank %d rebalance %d: %s", self.rank, flight.record.rebalance_id, reason)
+            flight.failure = reason
+            self.last_error = WorkerFailedError(reason)
+
+    def _commit(self, flight: _InFlight, index: int) -> int:
+        """Apply plan entry ``index``: buffer -> live weights, then this layer's maps."""
+        t0 = time.perf_counter()
+        msg = flight.ready[index]
+        layer = msg.layer
+        move_from_buffer(self.expert_weights[layer], self._backend.buffers[msg.slot],
+                         TransferMetadata.from_wire(msg.metadata),
+                         flight.maps.phy2log[layer], self.rank)
+        self._switch_maps(layer, flight.maps)
+        self._backend.release_slot(msg.slot)
+        self._backend.send(BufferFree(rebalance_id=flight.record.rebalance_id, slot=msg.slot,
+                                      layer=layer, committed=True))
+        flight.record.layers_committed.append(layer)
+        flight.record.commit_steps.append(self.step_count)
+        flight.record.commit_s.append(time.perf_counter() - t0)
+        return layer
+
+    def _switch_maps(self, layer: int, maps: RoutingMaps) -> None:
+        self._phy2log[layer] = maps.phy2log[layer]
+        row = torch.as_tensor(maps.phy2log[layer])
+        self.physical_to_logical_map[layer].copy_(row, non_blocking=True)
+        self.logical_to_physical_map[layer].copy_(torch.as_tensor(maps.log2phy[layer]),
+                                                  non_blocking=True)
+        self.logical_replica_count[layer].copy_(torch.as_tensor(maps.logcnt[layer]),
+                                                non_blocking=True)
+        self._load_index[layer].copy_(row.clamp(min=0), non_blocking=True)
+        self._slot_valid[layer].copy_((row >= 0).to(torch.int64), non_blocking=True)
+
+    def _finish(self, flight: _InFlight) -> None:
+        flight.record.end_step, flight.record.ended_at = self.step_count, time.perf_counter()
+        logger.info("rank %d rebalance %d done: %d layers committed by step %d", self.rank,
+                    flight.record.rebalance_id, flight.committed, self.step_count)
+        self._inflight = None
+
+    def _abandon(self, flight: _InFlight, reason: str) -> None:
+        flight.record.aborted, flight.record.reason = True, reason
+        logger.warning("rank %d abandons rebalance %d after %d committed layers: %s", self.rank,
+                       flight.record.rebalance_id, flight.committed, reason)
+        if self._backend.alive():
+            self._backend.send(Abort(rebalance_id=flight.record.rebalance_id, reason=reason))
+        self._finish(flight)
+
+
+def _validate_weights(expert_weights: Sequence[Sequence[torch.Tensor]]) -> list[list[torch.Tensor]]:
+    """Check the layout every mode relies on; ``ValueError`` says what to change."""
+    layers = [list(layer) for layer in expert_weights]
+    if not layers or not layers[0]:
+        raise ValueError("expert_weights must hold at least one layer with at least one tensor")
+    first = layers[0]
+    for index, layer in enumerate(layers):
+        if len(layer) != len(first):
+            raise ValueError(f"expert_weights[{index}] has {len(layer)} tensors, layer 0 has "
+                             f"{len(first)}; every layer needs the same weights")
+        for i, (t, ref) in enumerate(zip(layer, first)):
+            if not isinstance(t, torch.Tensor):
+                raise ValueError(f"expert_weights[{index}][{i}] is {type(t).__name__}, not a tensor")
+            if t.shape != ref.shape or t.dtype != ref.dtype or t.device != ref.device:
+                raise ValueError(
+                    f"expert_weights[{index}][{i}] is {tuple(t.shape)} {t.dtype} on {t.device}, "
+                    f"layer 0 has {tuple(ref.shape)} {ref.dtype} on {ref.device}; all layers "
+                    "must match")
+            if t.dim() < 1 or t.shape[0] != first[0].shape[0]:
+                raise ValueError(f"expert_weights[{index}][{i}] first dimension must be the "
+                                 f"local slots ({first[0].shape[0]}), got shape {tuple(t.shape)}")
+            if not t.is_contiguous():
+                raise ValueError(f"expert_weights[{index}][{i}] is not contiguous; pass "
+                                 "contiguous tensors (call .contiguous() before building the state)")
+    return layers

@@ -1,0 +1,176 @@
+"""The transfer worker's logic: plan a rebalance and stage layers. Knows nothing of processes.
+
+A :class:`TransferWorker` is driven by :mod:`mp_eplb.serve` in the transfer subprocess
+(process mode) or on a thread of the engine (thread mode). It owns a process group of the
+workers of all ranks (never the engine's), reads the load window the engine fills, runs the
+placement-aware policy, and fills staging buffers layer by layer with ``move_to_buffer``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from mp_eplb.communicator import EplbCommunicator, make_communicator
+from mp_eplb.peer_pull import CudaIpcPullCommunicator
+from mp_eplb.maps import RoutingMaps, maps_from_phy2log
+from mp_eplb.messages import WorkerTopology
+from mp_eplb.policy import rebalance_experts
+from mp_eplb.transfer import TransferMetadata, move_to_buffer
+
+__all__ = ["TransferWorker", "RebalancePlan", "build_worker"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class RebalancePlan:
+    """The outcome of one policy run, identical on every rank.
+
+    ``maps`` hold the new placement of every layer; ``layers`` lists the layers whose map
+    changes, in the order they are staged and committed.
+    """
+
+    rebalance_id: int
+    old_phy2log: np.ndarray
+    maps: RoutingMaps
+    layers: list[int]
+    policy_s: float = 0.0
+    bytes_staged: int = 0
+    stage_s: list[float] = field(default_factory=list)
+
+
+class TransferWorker:
+    """Plans and stages rebalances for one rank.
+
+    ``weights[layer][i]``: this rank's live expert weights ``[local_slots, ...]`` (owned by the
+    engine; read here, written only by the engine's ``move_from_buffer``).
+    ``buffers[slot][i]``: staging buffers shaped like one layer's weights (owned by the engine).
+    ``load_window``: ``[window, layers, logical]`` int64 tokens per logical expert (engine writes).
+    ``group``: the workers' process group (its collectives run on tensors of
+    ``collective_device``: CUDA for NCCL, CPU for gloo); ``communicator`` moves rows.
+    """
+
+    def __init__(self, *, topology: WorkerTopology, weights: list[list[torch.Tensor]],
+                 buffers: list[list[torch.Tensor]], load_window: torch.Tensor,
+                 group: dist.ProcessGroup, communicator: EplbCommunicator,
+                 stream: torch.cuda.Stream | None,
+                 collective_device: torch.device = torch.device("cpu")) -> None:
+        self.topology = topology
+        self.weights = weights
+        self.buffers = buffers
+        self.load_window = load_window
+        self.group = group
+        self.communicator = communicator
+        self.stream = stream
+        self.num_local = weights[0][0].shape[0]
+        self._collective_device = collective_device
+
+    # -- collectives among workers (no pickle: tensors only) ---------------------------------
+
+    def _all_reduce(self, tensor: torch.Tensor, op: dist.ReduceOp) -> torch.Tensor:
+        if self.topology.world_size == 1:
+            return tensor
+        moved = tensor.to(self._collective_device)
+        dist.all_reduce(moved, op=op, group=self.group)
+        return moved.cpu()
+
+    def _broadcast_from_first(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self.topology.world_size == 1:
+            return tensor
+        moved = tensor.to(self._collective_device)
+        dist.broadcast(moved, src=dist.get_global_rank(self.group, 0), group=self.group)
+        return moved.cpu()
+
+    def agree_to_continue(self, stop_requested: bool) -> bool:
+        """All workers decide together whether to stage the next layer.
+
+        Two-sided communicators deadlock if one worker skips a layer its peers stage, so an
+        abort seen by any worker stops all of them at the same layer.
+        """
+        flag = torch.tensor([1 if stop_requested else 0], dtype=torch.int64)
+        return int(self._all_reduce(flag, dist.ReduceOp.MAX).item()) == 0
+
+    # -- planning -------------------------------------------------------------------------
+
+    def plan(self, rebalance_id: int, old_phy2log: np.ndarray) -> RebalancePlan:
+        """Aggregate the load window over all ranks, run the policy on the first worker and
+        share its result, so every rank gets the identical plan."""
+        topo = self.topology
+        if self.stream is not None:
+            with torch.cuda.stream(self.stream):
+                local = self.load_window.sum(dim=0).cpu()
+        else:
+            local = self.load_window.sum(dim=0)
+        load = self._all_reduce(local.to(torch.int64).clone(), dist.ReduceOp.SUM)
+        started = time.perf_counter()
+        num_phy = old_phy2log.shape[1]
+        if topo.rank == 0:
+            num_groups = topo.num_groups if topo.num_logical % topo.num_groups == 0 else 1
+            phy2log, _, _ = rebalance_experts(
+                load.numpy(), num_phy, num_groups, topo.num_nodes, topo.world_size,
+                old_phy2log=old_phy2log, max_replicas=topo.num_redundant + 1)
+            new = torch.as_tensor(np.asarray(phy2log), dtype=torch.int64)
+        else:
+            new = torch.empty(old_phy2log.shape, dtype=torch.int64)
+        new = self._broadcast_from_first(new).numpy()
+        policy_s = time.perf_counter() - started
+        maps = maps_from_phy2log(new, topo.num_logical, topo.num_redundant + 1)
+        layers = [int(layer) for layer in np.nonzero((new != old_phy2log).any(axis=1))[0]]
+        logger.info("rank %d rebalance %d: %d of %d layers change (policy %.1f ms)",
+                    topo.rank, rebalance_id, len(layers), new.shape[0], policy_s * 1e3)
+        return RebalancePlan(rebalance_id=rebalance_id, old_phy2log=old_phy2log, maps=maps,
+                             layers=layers, policy_s=policy_s)
+
+    # -- staging --------------------------------------------------------------------------
+
+    def stage(self, plan: RebalancePlan, layer: int, slot: int) -> TransferMetadata:
+        """Fill staging buffer ``slot`` with this rank's new rows of ``layer``.
+
+        Returns when the data is complete in the buffer (the worker's stream is synchronised),
+        so the engine may read it and peers may overwrite the rows this rank read from them
+        once every rank reports the layer ready.
+        """
+        started = time.perf_counter()
+        self.communicator.set_stream(self.stream)
+        metadata = move_to_buffer(
+            self.num_local, plan.old_phy2log[layer], plan.maps.phy2log[layer],
+            self.weights[layer], self.buffers[slot], self.stream, self.group,
+            communicator=self.communicator, layer=layer,
+            ranks_per_node=self.topology.ranks_per_node,
+            max_ops_per_batch=self.topology.max_ops_per_batch)
+        if self.stream is not None:
+            self.stream.synchronize()
+        plan.stage_s.append(time.perf_counter() - started)
+        rows = int((~metadata.is_unchanged).sum())
+        plan.bytes_staged += rows * sum(w[0].numel() * w.element_size() for w in self.weights[layer])
+        return metadata
+
+
+def build_worker(*, topology: WorkerTopology, communicator: str, device: torch.device,
+                 weights: list[list[torch.Tensor]], buffers: list[list[torch.Tensor]],
+                 load_window: torch.Tensor, group: dist.ProcessGroup,
+                 weight_handles: list[list[dict]] | None = None) -> TransferWorker:
+    """Assemble a worker: a side stream on CUDA, and the named communicator over ``group``.
+
+    ``cuda_ipc`` opens every peer's weights from ``weight_handles`` (this rank's handles,
+    exchanged once over ``group``); ``nccl``/``gloo`` use two-sided P2P.
+    """
+    stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+    if communicator == "cuda_ipc":
+        if weight_handles is None:
+            raise ValueError("communicator 'cuda_ipc' needs this rank's weight handles")
+        comm: EplbCommunicator = CudaIpcPullCommunicator.from_handles(
+            weight_handles, group, rank=topology.rank, world_size=topology.world_size)
+    else:
+        comm = make_communicator(communicator, group, stream=stream,
+                                 max_ops_per_batch=topology.max_ops_per_batch)
+    collective_device = device if communicator == "nccl" else torch.device("cpu")
+    return TransferWorker(topology=topology, weights=weights, buffers=buffers,
+                          load_window=load_window, group=group, communicator=comm,
+                          stream=stream, collective_device=collective_device)

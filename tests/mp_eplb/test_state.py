@@ -1,0 +1,159 @@
+"""EplbState end to end: real rank processes, each with its transfer worker, gloo on CPU.
+
+After every step, on every rank, every row of every layer must hold the weights of the
+logical expert the maps name (values encode (layer, expert)), and all ranks' maps must be
+identical. Loads are skewed and drift, so rebalances really move experts.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import time
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.distributed.distributed_c10d as c10d
+
+from mp_eplb import EplbConfig, EplbState
+from tests.mp_eplb.dist_utils import run_distributed
+from tests.mp_eplb.state_utils import encode_rows, skewed_load
+
+
+pytestmark = pytest.mark.timeout(240)
+
+NUM_LAYERS = 3
+NUM_LOGICAL = 8
+
+
+def _make_weights(rank: int, world: int, phy2log: np.ndarray) -> list[list[torch.Tensor]]:
+    local = phy2log.shape[1] // world
+    layers = []
+    for layer in range(NUM_LAYERS):
+        ids = phy2log[layer, rank * local:(rank + 1) * local]
+        layers.append([encode_rows(layer, ids, torch.float32, (5,)),
+                       encode_rows(layer, ids, torch.bfloat16, (3, 2)),
+                       encode_rows(layer, ids, torch.uint8, (4,))])
+    return layers
+
+
+def _check_rank(state: EplbState, world: int) -> None:
+    """Rows match the maps here, and every rank holds the same maps."""
+    p2l = state.physical_to_logical_map.cpu().numpy()
+    local = state.num_local
+    for layer in range(NUM_LAYERS):
+        ids = p2l[layer, state.rank * local:(state.rank + 1) * local]
+        for t in state.expert_weights[layer]:
+            expected = encode_rows(layer, ids, t.dtype, tuple(t.shape[1:]))
+            if not torch.equal(t, expected):
+                bad = [r for r in range(local) if not torch.equal(t[r], expected[r])]
+                raise AssertionError(f"rank {state.rank} layer {layer} rows {bad} do not hold "
+                                     f"experts {ids[bad].tolist()} (step {state.step_count})")
+    gathered = [torch.zeros_like(state.physical_to_logical_map) for _ in range(world)]
+    dist.all_gather(gathered, state.physical_to_logical_map)
+    for other in gathered:
+        assert torch.equal(other, state.physical_to_logical_map), "ranks' maps differ"
+
+
+def _run_rebalances(rank: int, world: int, mode: str, redundant: int, steps: int) -> dict:
+    counts = _count_transfer_calls()
+    num_phy = NUM_LOGICAL + redundant
+    initial = np.tile(np.arange(num_phy) % NUM_LOGICAL, (NUM_LAYERS, 1))
+    weights = _make_weights(rank, world, initial)
+    config = EplbConfig(mode=mode, window_size=4, step_interval=6,
+                        num_redundant_experts=redundant, layer_timeout_s=60,
+                        start_timeout_s=120)
+    groups_before = _process_groups()
+    with EplbState(weights, rank=rank, world_size=world, num_logical_experts=NUM_LOGICAL,
+                   num_groups=2, config=config, cpu_group=dist.group.WORLD) as state:
+        for step in range(steps):
+            load = skewed_load(state.physical_to_logical_map.cpu().numpy(), step, rank)
+            state.step(torch.as_tensor(load))
+            _check_rank(state, world)
+            time.sleep(0.002)
+        # Let the last rebalance finish (bounded), still checking every step.
+        extra = 0
+        while state.rebalance_active and extra < 2000:
+            state.step(torch.zeros(NUM_LAYERS, num_phy, dtype=torch.int64))
+            _check_rank(state, world)
+            extra += 1
+            time.sleep(0.002)
+        history = [(r.rebalance_id, r.aborted, r.layers_committed, r.commit_steps)
+                   for r in state.history]
+        created_groups = _process_groups() - groups_before
+    return {"history": history, "p2p_calls": dict(counts), "new_groups": len(created_groups)}
+
+
+def _process_groups() -> set:
+    return set(dist.distributed_c10d._world.pg_map)
+
+
+def _count_transfer_calls() -> dict:
+    """Count P2P calls made by this process (the engine), wrapping torch.distributed's
+    functions in both namespaces (P2POp checks its op against the c10d module's globals)."""
+    counts = {"isend": 0, "irecv": 0, "batch_isend_irecv": 0, "send": 0, "recv": 0}
+    for name in counts:
+        original = getattr(c10d, name)
+
+        def wrapper(*args, _name=name, _original=original, **kwargs):
+            counts[_name] += 1
+            return _original(*args, **kwargs)
+        setattr(c10d, name, wrapper)
+        setattr(dist, name, wrapper)
+    return counts
+
+
+@pytest.mark.parametrize("world,redundant", [(2, 4), (4, 4)])
+@pytest.mark.parametrize("mode", ["process", "thread", "sync"])
+def test_rebalances_keep_every_layer_consistent(world: int, redundant: int, mode: str) -> None:
+    results = run_distributed(_run_rebalances, world, mode, redundant, 40, timeout_s=200)
+    histories = [r["history"] for r in results]
+    assert all(h == histories[0] for h in histories), "ranks disagree on what was committed when"
+    done = [h for h in histories[0] if not h[1]]
+    assert len(done) >= 2, f"expected several completed rebalances, got {histories[0]}"
+    assert any(h[2] for h in done), "no rebalance moved anything; the loads should force moves"
+    for result in results:
+        moved = sum(result["p2p_calls"].values())
+        if mode == "process":
+            assert moved == 0, f"engine process issued P2P operations: {result['p2p_calls']}"
+            assert result["new_groups"] == 0, "engine process created a transfer process group"
+        elif mode == "thread":
+            assert result["new_groups"] == 1, "thread mode should use a group of its own"
+
+
+def _shutdown_mid_rebalance(rank: int, world: int) -> dict:
+    num_phy = NUM_LOGICAL + 4
+    initial = np.tile(np.arange(num_phy) % NUM_LOGICAL, (NUM_LAYERS, 1))
+    weights = _make_weights(rank, world, initial)
+    config = EplbConfig(mode="process", window_size=2, step_interval=2,
+                        num_redundant_experts=4, layer_timeout_s=60)
+    state = EplbState(weights, rank=rank, world_size=world, num_logical_experts=NUM_LOGICAL,
+                      config=config, cpu_group=dist.group.WORLD)
+    proc = state._backend.proc
+    endpoint = state._backend.channel.endpoint
+    committed = []
+    step = 0
+    while not committed and step < 5000:
+        report = state.step(torch.as_tensor(skewed_load(
+            state.physical_to_logical_map.cpu().numpy(), 100 + step, rank)))
+        committed += report.committed_layers
+        step += 1
+        time.sleep(0.001)
+    active = state.rebalance_active
+    state.shutdown()
+    _check_rank(state, world)
+    return {"committed": committed, "active": active, "exit": proc.poll(),
+            "endpoint": endpoint}
+
+
+def test_shutdown_mid_rebalance_leaves_consistent_layers_and_nothing_behind() -> None:
+    before = set(glob.glob("/dev/shm/mp_eplb_*"))
+    results = run_distributed(_shutdown_mid_rebalance, 2, timeout_s=200)
+    for result in results:
+        assert result["committed"], "no layer was committed before the shutdown"
+        assert result["exit"] is not None, "transfer worker still running after shutdown"
+        path = result["endpoint"].removeprefix("ipc://")
+        assert not os.path.exists(path), f"socket file {path} left behind"
+    assert set(glob.glob("/dev/shm/mp_eplb_*")) <= before, "shared-memory segments left behind"
