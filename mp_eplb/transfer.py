@@ -387,6 +387,7 @@ def move_to_buffer(
     filled by :func:`move_from_buffer`). Unchanged rows are not written. A layer whose
     map is unchanged issues no operation and writes nothing. Returns when the received
     data is in the buffers (CPU) or ordered before later work on ``cuda_stream`` (CUDA).
+    The caller orders ``cuda_stream`` after earlier writes to weights and buffers.
 
     ``communicator`` defaults to :func:`default_communicator` with ``max_ops_per_batch``
     (ignored when a communicator is given); ``layer`` is passed to receives as

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import itertools
+import multiprocessing
+import time
 
 import pytest
 import torch
@@ -95,17 +97,13 @@ def test_run_distributed_reports_rank_failures() -> None:
 
 def _hang_on_rank_zero(rank: int, world: int) -> int:
     if rank == 0:
-        import time
-
         time.sleep(600)
     return rank
 
 
 @pytest.mark.timeout(90)
 def test_run_distributed_kills_ranks_past_the_timeout() -> None:
-    import multiprocessing
-
-    with pytest.raises(DistributedRunError, match=r"no result within timeout_s=20") as info:
-        run_distributed(_hang_on_rank_zero, 2, timeout_s=20)
+    with pytest.raises(DistributedRunError, match=r"no result within timeout_s=12") as info:
+        run_distributed(_hang_on_rank_zero, 2, timeout_s=12)
     assert set(info.value.failures) == {0}
     assert multiprocessing.active_children() == []
