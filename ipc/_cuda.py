@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import threading
 from collections.abc import Iterator
 
@@ -77,7 +78,7 @@ def _driver() -> ctypes.CDLL:
             "cuGetErrorName": [ctypes.c_int, ctypes.POINTER(ctypes.c_char_p)],
             "cuDeviceGetCount": [ctypes.POINTER(ctypes.c_int)],
             "cuDeviceGet": [ctypes.POINTER(_CUdevice), ctypes.c_int],
-            "cuDeviceGetUuid": [ctypes.POINTER(_Uuid), _CUdevice],
+            _uuid_call(lib): [ctypes.POINTER(_Uuid), _CUdevice],
             "cuDevicePrimaryCtxRetain": [ctypes.POINTER(_CUcontext), _CUdevice],
             "cuCtxPushCurrent_v2": [_CUcontext],
             "cuCtxPopCurrent_v2": [ctypes.POINTER(_CUcontext)],
@@ -97,6 +98,11 @@ def _driver() -> ctypes.CDLL:
         _lib = lib
     _check("cuInit", lib.cuInit(0))
     return lib
+
+
+def _uuid_call(lib: ctypes.CDLL) -> str:
+    """cuDeviceGetUuid_v2 (MIG-aware, CUDA >= 11.4) where the driver has it, else cuDeviceGetUuid."""
+    return "cuDeviceGetUuid_v2" if hasattr(lib, "cuDeviceGetUuid_v2") else "cuDeviceGetUuid"
 
 
 def _check(call: str, code: int) -> None:
@@ -127,11 +133,13 @@ def _device(ordinal: int) -> int:
     return dev.value
 
 
+@functools.cache
 def device_uuid(ordinal: int) -> str:
     """The UUID of device ``ordinal`` as 32 lowercase hex digits (same GPU, same UUID, in every process)."""
     lib = _driver()
     uuid = _Uuid()
-    _check("cuDeviceGetUuid", lib.cuDeviceGetUuid(ctypes.byref(uuid), _device(ordinal)))
+    call = _uuid_call(lib)
+    _check(call, getattr(lib, call)(ctypes.byref(uuid), _device(ordinal)))
     return ctypes.string_at(ctypes.addressof(uuid), 16).hex()
 
 

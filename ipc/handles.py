@@ -490,7 +490,9 @@ def release(t: torch.Tensor) -> None:
 
     The name goes at once: the /dev/shm file is unlinked and the handle can no longer be exported or
     opened here. The memory is freed when this process's last view of it dies (for CUDA, opening the
-    handle elsewhere fails from then on). Drop ``t`` and its views after calling this.
+    handle elsewhere fails from then on). Drop ``t`` and its views after calling this, and release only
+    once consumers have closed the segment (the protocol's job): CUDA does not promise that memory
+    freed by its owner stays valid in a process that still maps it.
     """
     segment = _owned_segment_of(t)
     _forget(segment)

@@ -6,6 +6,7 @@ and yields the parent's :class:`Link`. Both ends exchange msgpack-packed message
 AssertionError carrying its traceback. On leaving the block the child is joined within
 ``JOIN_TIMEOUT_S`` (then terminated, then killed) and must have exited with code 0, unless
 ``expect_exit`` says otherwise. ``fn`` must be a module-level function of an importable module.
+:data:`CHILD_GPUS` parametrizes a GPU test over the child's GPU: 0 (the parent's) and 1 (the peer).
 """
 
 from __future__ import annotations
@@ -18,11 +19,17 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 import msgpack
+import pytest
+import torch
 
-__all__ = ["JOIN_TIMEOUT_S", "RECV_TIMEOUT_S", "Link", "spawn_child"]
+__all__ = ["CHILD_GPUS", "JOIN_TIMEOUT_S", "RECV_TIMEOUT_S", "Link", "spawn_child"]
 
 JOIN_TIMEOUT_S = 30.0
 RECV_TIMEOUT_S = 60.0
+CHILD_GPUS = [
+    pytest.param(0, id="same-gpu"),
+    pytest.param(1, id="peer-gpu", marks=pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")),
+]
 
 
 class Link:

@@ -34,7 +34,7 @@ from ipc.handles import (
     time_export,
     time_open,
 )
-from tests.ipc.spawn_utils import Link, spawn_child
+from tests.ipc.spawn_utils import CHILD_GPUS, Link, spawn_child
 
 DTYPES = ["float32", "bfloat16", "int64", "uint8"]
 BASE_SHAPE = (5, 8)
@@ -371,12 +371,7 @@ def _cuda_round_trip(device: int) -> None:
 
 @pytest.mark.gpu
 @pytest.mark.timeout(180)
-def test_cuda_tensor_opened_by_child_on_same_gpu() -> None:
-    _cuda_round_trip(device=0)
-
-
-@pytest.mark.gpu
-@pytest.mark.timeout(180)
-@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
-def test_cuda_tensor_pulled_by_child_on_peer_gpu() -> None:
-    _cuda_round_trip(device=1)
+@pytest.mark.parametrize("device", CHILD_GPUS)
+def test_cuda_tensor_opened_by_child(device: int) -> None:
+    """The child works on ``device``: on the peer GPU its copy out of the opened tensor is a peer pull."""
+    _cuda_round_trip(device)
