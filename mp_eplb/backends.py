@@ -17,6 +17,7 @@ import sys
 import threading
 import time
 import traceback
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -56,12 +57,19 @@ class WorkerBackend(abc.ABC):
     ``load_window`` is ``[window, layers, logical]`` int64. The engine owns all of them.
     """
 
-    buffers: list[list[torch.Tensor]]
-    load_window: torch.Tensor
-
-    def __init__(self, state: EplbState) -> None:
+    def __init__(self, state: EplbState, empty: Callable[..., torch.Tensor]) -> None:
+        """Allocate staging buffers, load window and events with ``empty(shape, dtype,
+        device)`` (shareable memory for a subprocess, plain tensors for a thread)."""
         self.state = state
         self._cuda = state.device.type == "cuda"
+        device = state.device
+        self.buffers = [[empty(t.shape, t.dtype, device) for t in state.expert_weights[0]]
+                        for _ in range(state.config.num_staging_buffers)]
+        self.load_window = empty(state._window_shape(), torch.int64, device)
+        self.load_window.zero_()
+        self.events = ([SharedEvent.create(device)
+                        for _ in range(1 + state.config.num_staging_buffers)]
+                       if self._cuda else [])
 
     @abc.abstractmethod
     def send(self, msg: Any) -> None: ...
@@ -80,8 +88,6 @@ class WorkerBackend(abc.ABC):
 
     # GPU ordering: events[0] after the load window is written, events[1 + slot] after the
     # engine's last read of a staging buffer. Recorded on the engine's current stream.
-    events: list[Any]
-
     def record_load_event(self) -> None:
         if self.events:
             self.events[0].record(torch.cuda.current_stream(self.state.device))
@@ -122,19 +128,11 @@ class ProcessBackend(WorkerBackend):
     """
 
     def __init__(self, state: EplbState) -> None:
-        super().__init__(state)
-        cfg = state.config
-        device = state.device
         for layer in state.expert_weights:
             for t in layer:
                 _rehome_shared(t)
-        self.buffers = [[handles.shared_empty(t.shape, t.dtype, device)
-                         for t in state.expert_weights[0]]
-                        for _ in range(cfg.num_staging_buffers)]
-        self.load_window = handles.shared_empty(state._window_shape(), torch.int64, device)
-        self.load_window.zero_()
-        self.events = ([SharedEvent.create(device) for _ in range(1 + cfg.num_staging_buffers)]
-                       if self._cuda else [])
+        super().__init__(state, handles.shared_empty)
+        cfg = state.config
         rendezvous = _rendezvous(state)
         key = new_session_key()
         self.channel = Channel.bind(key, cfg.endpoint)
@@ -253,14 +251,10 @@ class ThreadBackend(WorkerBackend):
     interleaves with the engine's collectives."""
 
     def __init__(self, state: EplbState) -> None:
-        super().__init__(state)
+        super().__init__(state, lambda shape, dtype, device: torch.empty(shape, dtype=dtype,
+                                                                         device=device))
         cfg = state.config
         device = state.device
-        self.buffers = [[torch.empty_like(t) for t in state.expert_weights[0]]
-                        for _ in range(cfg.num_staging_buffers)]
-        self.load_window = torch.zeros(state._window_shape(), dtype=torch.int64, device=device)
-        self.events = ([torch.cuda.Event() for _ in range(1 + cfg.num_staging_buffers)]
-                       if self._cuda else [])
         self._link, worker_link = QueueLink.pair()
         self._error: BaseException | None = None
         worker = build_worker(
@@ -276,7 +270,7 @@ class ThreadBackend(WorkerBackend):
         if self._cuda:
             torch.cuda.set_device(self.state.device)
         try:
-            serve(worker, link, StreamEvents(self.events),
+            serve(worker, link, StreamEvents(self.events, self.state.config.layer_timeout_s),
                   num_slots=self.state.config.num_staging_buffers,
                   layer_timeout_s=self.state.config.layer_timeout_s)
         except BaseException as err:  # reported to the engine, which abandons the rebalance

@@ -70,19 +70,24 @@ class QueueLink:
 class StreamEvents:
     """GPU ordering between the engine's stream and the worker's.
 
-    ``events[0]``: recorded by the engine when it asks for a rebalance; ``events[1 + slot]``:
-    recorded after its last read of staging buffer ``slot``. Each exposes ``wait(stream)``.
+    ``events[0]`` (``ipc.events.SharedEvent``): recorded by the engine when it asks for a
+    rebalance; ``events[1 + slot]``: recorded after its last read of staging buffer ``slot``.
     An empty list (CPU) makes every wait a no-op.
     """
 
-    def __init__(self, events: list[Any]) -> None:
+    def __init__(self, events: list[Any], timeout_s: float) -> None:
         self._events = events
+        self._timeout_s = timeout_s
 
-    def wait_load(self, stream: torch.cuda.Stream | None) -> None:
+    def wait_load(self) -> None:
+        """Block this thread until the engine's work before the rebalance request is done
+        on the GPU: the load window is complete and its last weight writes have landed, so
+        once every worker has passed the following collective, peers' rows are safe to read."""
         if self._events:
-            self._events[0].wait(stream)
+            self._events[0].synchronize(self._timeout_s)
 
     def wait_free(self, slot: int, stream: torch.cuda.Stream | None) -> None:
+        """Order ``stream`` after the engine's last read of ``slot`` (no host wait)."""
         if self._events:
             self._events[1 + slot].wait(stream)
 
@@ -143,7 +148,7 @@ class _Inbox:
 def _rebalance(worker: TransferWorker, inbox: _Inbox, events: StreamEvents, msg: Rebalance,
                layer_timeout_s: float, progress) -> None:
     rid = msg.rebalance_id
-    events.wait_load(worker.stream)
+    events.wait_load()
     plan = worker.plan(rid, unpack_int64(msg.phy2log, msg.shape))
     inbox.link.send(Plan(rebalance_id=rid, layers=plan.layers,
                          phy2log=pack_int64(plan.maps.phy2log),

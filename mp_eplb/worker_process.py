@@ -76,7 +76,7 @@ def _open_setup(setup: Setup):
     worker = build_worker(topology=setup.topology, communicator=setup.communicator, device=device,
                           weights=weights, buffers=buffers, load_window=load_window,
                           group=dist.group.WORLD, weight_handles=setup.weights)
-    return worker, StreamEvents(events)
+    return worker, StreamEvents(events, setup.collective_timeout_s)
 
 
 def main() -> int:

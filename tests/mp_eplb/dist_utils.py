@@ -68,6 +68,11 @@ def _child(
 
 
 def _stop(procs: list[mp.process.BaseProcess]) -> None:
+    # Children that reported exit on their own (running their atexit hooks, which release
+    # shared memory); only stragglers are terminated, then killed.
+    deadline = time.monotonic() + _JOIN_TIMEOUT_S
+    for proc in procs:
+        proc.join(max(0.0, deadline - time.monotonic()))
     for proc in procs:
         if proc.is_alive():
             proc.terminate()

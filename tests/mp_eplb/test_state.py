@@ -28,14 +28,15 @@ NUM_LAYERS = 3
 NUM_LOGICAL = 8
 
 
-def _make_weights(rank: int, world: int, phy2log: np.ndarray) -> list[list[torch.Tensor]]:
+def _make_weights(rank: int, world: int, phy2log: np.ndarray,
+                  device: str = "cpu") -> list[list[torch.Tensor]]:
     local = phy2log.shape[1] // world
     layers = []
     for layer in range(NUM_LAYERS):
         ids = phy2log[layer, rank * local:(rank + 1) * local]
-        layers.append([encode_rows(layer, ids, torch.float32, (5,)),
-                       encode_rows(layer, ids, torch.bfloat16, (3, 2)),
-                       encode_rows(layer, ids, torch.uint8, (4,))])
+        layers.append([encode_rows(layer, ids, torch.float32, (5,)).to(device),
+                       encode_rows(layer, ids, torch.bfloat16, (3, 2)).to(device),
+                       encode_rows(layer, ids, torch.uint8, (4,)).to(device)])
     return layers
 
 
@@ -46,23 +47,28 @@ def _check_rank(state: EplbState, world: int) -> None:
     for layer in range(NUM_LAYERS):
         ids = p2l[layer, state.rank * local:(state.rank + 1) * local]
         for t in state.expert_weights[layer]:
-            expected = encode_rows(layer, ids, t.dtype, tuple(t.shape[1:]))
+            expected = encode_rows(layer, ids, t.dtype, tuple(t.shape[1:])).to(t.device)
             if not torch.equal(t, expected):
                 bad = [r for r in range(local) if not torch.equal(t[r], expected[r])]
                 raise AssertionError(f"rank {state.rank} layer {layer} rows {bad} do not hold "
                                      f"experts {ids[bad].tolist()} (step {state.step_count})")
-    gathered = [torch.zeros_like(state.physical_to_logical_map) for _ in range(world)]
-    dist.all_gather(gathered, state.physical_to_logical_map)
+    mine = state.physical_to_logical_map.cpu()
+    gathered = [torch.zeros_like(mine) for _ in range(world)]
+    dist.all_gather(gathered, mine)
     for other in gathered:
-        assert torch.equal(other, state.physical_to_logical_map), "ranks' maps differ"
+        assert torch.equal(other, mine), "ranks' maps differ"
 
 
-def _run_rebalances(rank: int, world: int, mode: str, redundant: int, steps: int) -> dict:
+def _run_rebalances(rank: int, world: int, mode: str, redundant: int, steps: int,
+                    device: str = "cpu", communicator: str = "auto") -> dict:
     counts = _count_transfer_calls()
+    if device == "cuda":
+        torch.cuda.set_device(rank)
+        device = f"cuda:{rank}"
     num_phy = NUM_LOGICAL + redundant
     initial = np.tile(np.arange(num_phy) % NUM_LOGICAL, (NUM_LAYERS, 1))
-    weights = _make_weights(rank, world, initial)
-    config = EplbConfig(mode=mode, window_size=4, step_interval=6,
+    weights = _make_weights(rank, world, initial, device)
+    config = EplbConfig(mode=mode, communicator=communicator, window_size=4, step_interval=6,
                         num_redundant_experts=redundant, layer_timeout_s=60,
                         start_timeout_s=120)
     groups_before = _process_groups()
@@ -70,13 +76,13 @@ def _run_rebalances(rank: int, world: int, mode: str, redundant: int, steps: int
                    num_groups=2, config=config, cpu_group=dist.group.WORLD) as state:
         for step in range(steps):
             load = skewed_load(state.physical_to_logical_map.cpu().numpy(), step, rank)
-            state.step(torch.as_tensor(load))
+            state.step(torch.as_tensor(load, device=device))
             _check_rank(state, world)
             time.sleep(0.002)
         # Let the last rebalance finish (bounded), still checking every step.
         extra = 0
         while state.rebalance_active and extra < 2000:
-            state.step(torch.zeros(NUM_LAYERS, num_phy, dtype=torch.int64))
+            state.step(torch.zeros(NUM_LAYERS, num_phy, dtype=torch.int64, device=device))
             _check_rank(state, world)
             extra += 1
             time.sleep(0.002)
@@ -109,6 +115,23 @@ def _count_transfer_calls() -> dict:
 @pytest.mark.parametrize("mode", ["process", "thread", "sync"])
 def test_rebalances_keep_every_layer_consistent(world: int, redundant: int, mode: str) -> None:
     results = run_distributed(_run_rebalances, world, mode, redundant, 40, timeout_s=200)
+    _check_results(results, mode)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode,communicator", [("process", "cuda_ipc"), ("process", "nccl"),
+                                               ("process", "gloo"), ("thread", "nccl"),
+                                               ("sync", "auto")])
+def test_rebalances_on_gpus(mode: str, communicator: str) -> None:
+    world = torch.cuda.device_count()
+    if world < 2:
+        pytest.skip("needs 2 GPUs")
+    results = run_distributed(_run_rebalances, 2, mode, 4, 40, "cuda", communicator,
+                              timeout_s=200)
+    _check_results(results, mode)
+
+
+def _check_results(results: list[dict], mode: str) -> None:
     histories = [r["history"] for r in results]
     assert all(h == histories[0] for h in histories), "ranks disagree on what was committed when"
     done = [h for h in histories[0] if not h[1]]
