@@ -144,13 +144,14 @@ class _DeviceMemory:
     """Raw device bytes exposed through ``__cuda_array_interface__`` so torch can wrap them.
 
     torch keeps this object alive as long as any tensor uses the memory; ``on_free`` (free or close the
-    mapping) runs once when it is collected.
+    mapping) runs once when it is collected, unless ``finalizer`` was detached.
     """
 
     def __init__(self, ptr: int, nbytes: int, on_free: Callable[[], None]) -> None:
         self.ptr = ptr
         self.nbytes = nbytes
-        weakref.finalize(self, _run_quietly, on_free).atexit = False
+        self.finalizer = weakref.finalize(self, _run_quietly, on_free)
+        self.finalizer.atexit = False
 
     @property
     def __cuda_array_interface__(self) -> dict[str, Any]:
@@ -166,12 +167,18 @@ def _run_quietly(fn: Callable[[], None]) -> None:
 
 
 def _wrap_device_memory(ordinal: int, ptr: int, nbytes: int, on_free: Callable[[], None]) -> torch.Tensor:
-    """A uint8 tensor of ``nbytes`` over device memory at ``ptr`` (no copy: checked)."""
+    """A uint8 tensor of ``nbytes`` over device memory at ``ptr`` (no copy: checked) that runs ``on_free``
+    when its storage dies. On failure ``on_free`` never runs: the caller still owns the memory."""
     device = torch.device("cuda", ordinal)
-    base = torch.as_tensor(_DeviceMemory(ptr, nbytes, on_free), device=device)
-    if base.data_ptr() != ptr or base.device != device or base.numel() != nbytes:
-        raise IpcError(f"torch did not wrap CUDA memory {ptr:#x} on {device} in place "
-                       f"(got {base.device}, {base.data_ptr():#x}); this torch build is unsupported")
+    memory = _DeviceMemory(ptr, nbytes, on_free)
+    try:
+        base = torch.as_tensor(memory, device=device)
+        if base.data_ptr() != ptr or base.device != device or base.numel() != nbytes:
+            raise IpcError(f"torch did not wrap CUDA memory {ptr:#x} on {device} in place "
+                           f"(got {base.device}, {base.data_ptr():#x}); this torch build is unsupported")
+    except BaseException:
+        memory.finalizer.detach()
+        raise
     return base
 
 
