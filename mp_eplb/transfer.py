@@ -201,23 +201,28 @@ def get_ep_ranks_with_experts_batch(
     (potential senders) and the ranks holding it in ``new_indices`` but not in
     ``old_indices`` (receivers), each ascending and without repeats. Every queried
     expert is a key of both dicts (possibly with an empty list)."""
-    old_ranks = np.arange(len(old_indices)) // num_local_experts
-    new_ranks = np.arange(len(new_indices)) // num_local_experts
-    send_map: dict[int, list[int]] = {}
-    recv_map: dict[int, list[int]] = {}
-    for expert in np.unique(np.asarray(expert_ids)).tolist():
-        senders = np.unique(old_ranks[old_indices == expert])
-        receivers = np.unique(new_ranks[new_indices == expert])
-        send_map[expert] = senders.tolist()
-        recv_map[expert] = receivers[~np.isin(receivers, senders)].tolist()
+    experts = np.unique(np.asarray(expert_ids))
+    stride = max(len(old_indices), len(new_indices)) // num_local_experts + 1
+
+    def holder_keys(indices: np.ndarray) -> np.ndarray:  # sorted expert * stride + rank
+        mask = np.isin(indices, experts)
+        ranks = np.nonzero(mask)[0] // num_local_experts
+        return np.unique(indices[mask].astype(np.int64) * stride + ranks)
+
+    old_keys = holder_keys(old_indices)
+    recv_keys = np.setdiff1d(holder_keys(new_indices), old_keys, assume_unique=True)
+    send_map: dict[int, list[int]] = {e: [] for e in experts.tolist()}
+    recv_map: dict[int, list[int]] = {e: [] for e in experts.tolist()}
+    for keys, out in ((old_keys, send_map), (recv_keys, recv_map)):
+        for expert, rank in zip((keys // stride).tolist(), (keys % stride).tolist()):
+            out[expert].append(rank)
     return send_map, recv_map
 
 
 def _first_rows(indices: np.ndarray, num_local_experts: int) -> dict[tuple[int, int], int]:
     """(rank, expert) -> first local row holding the expert, for non-empty slots."""
     rows: dict[tuple[int, int], int] = {}
-    for slot in range(len(indices) - 1, -1, -1):
-        expert = int(indices[slot])
+    for slot, expert in reversed(list(enumerate(np.asarray(indices).tolist()))):
         if expert != -1:
             rows[(slot // num_local_experts, expert)] = slot % num_local_experts
     return rows
