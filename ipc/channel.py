@@ -136,6 +136,7 @@ class Channel:
         self._last_seq = 0
         self._closed = False
         self._warn = _WarnLimiter(endpoint)
+        self._timeouts: dict[int, int] = {}
         self._stats = {"sent": 0, "received": 0, **{r.value: 0 for r in DropReason}}
 
     @classmethod
@@ -245,27 +246,23 @@ class Channel:
         self._check_open()
         seq = self._send_seq + 1
         frame = self._codec.encode(msg, seq)
-        if self._is_parent:
-            if self._peer is None:
-                raise IpcError(f"channel {self.endpoint} has no peer yet: the parent can send "
-                               "only after the child's first message (e.g. Hello) arrived")
-            parts = [self._peer, frame]
-        else:
-            parts = [frame]
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while True:
-            try:
-                self._socket.send_multipart(parts, flags=zmq.NOBLOCK, copy=True)
-                break
-            except zmq.Again:
-                self._socket.poll(self._wait_ms(deadline, f"send timeout={timeout} s"),
-                                  zmq.POLLOUT)
-            except zmq.ZMQError as err:
-                if err.errno == zmq.EHOSTUNREACH:
-                    raise ChannelClosedError(
-                        f"channel {self.endpoint}: the peer's connection is gone (child "
-                        "exited or disconnected); check the child process") from None
-                raise
+        if self._is_parent and self._peer is None:
+            raise IpcError(f"channel {self.endpoint} has no peer yet: the parent can send only "
+                           "after the child's first message (e.g. Hello) arrived")
+        self._set_timeout(zmq.SNDTIMEO, None if timeout is None else time.monotonic() + timeout)
+        try:
+            if self._is_parent:  # once the routing frame is queued, the rest of it is too
+                self._socket.send(self._peer, zmq.SNDMORE)
+            self._socket.send(frame)
+        except zmq.Again:
+            raise self._timeout_error(f"the send queue stayed full for send "
+                                      f"timeout={timeout} s") from None
+        except zmq.ZMQError as err:
+            if err.errno == zmq.EHOSTUNREACH:
+                raise ChannelClosedError(
+                    f"channel {self.endpoint}: the peer's connection is gone (child "
+                    "exited or disconnected); check the child process") from None
+            raise
         self._send_seq = seq
         self._stats["sent"] += 1
         return seq
@@ -278,37 +275,39 @@ class Channel:
         self._check_open()
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
-            if self._socket.poll(self._wait_ms(deadline, f"recv timeout={timeout} s"),
-                                 zmq.POLLIN):
-                msg = self.poll()
-                if msg is not None:
-                    return msg
+            self._set_timeout(zmq.RCVTIMEO, deadline)
+            try:
+                parts = self._socket.recv_multipart(copy=True)
+            except zmq.Again:
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise self._timeout_error(f"no good message arrived within recv "
+                                              f"timeout={timeout} s") from None
+                continue
+            msg = self._accept(parts)
+            if msg is not None:
+                return msg
 
     def poll(self) -> Any | None:
         """Non-blocking: the next good message already received, or None. Drops (and
         counts) bad frames on the way. For an engine's step loop."""
         self._check_open()
-        while True:
-            try:
-                parts = self._socket.recv_multipart(flags=zmq.NOBLOCK, copy=True)
-            except zmq.Again:
-                return None
-            msg = self._accept(parts)
+        while self._socket.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+            msg = self._accept(self._socket.recv_multipart(flags=zmq.NOBLOCK, copy=True))
             if msg is not None:
                 return msg
+        return None
 
-    def _wait_ms(self, deadline: float | None, setting: str) -> int:
-        """Milliseconds to wait until ``deadline`` (-1: forever); IpcTimeoutError naming
-        ``setting`` once it has passed."""
-        if deadline is None:
-            return -1
-        left = deadline - time.monotonic()
-        if left <= 0:
-            dropped = sum(self._stats[r.value] for r in DropReason)
-            raise IpcTimeoutError(f"channel {self.endpoint}: nothing within {setting} "
-                                  f"({dropped} bad frames dropped so far); raise the timeout "
-                                  "or check the peer process")
-        return max(1, math.ceil(left * 1000))
+    def _set_timeout(self, option: int, deadline: float | None) -> None:
+        """Set SNDTIMEO/RCVTIMEO to the milliseconds left until ``deadline`` (-1: none)."""
+        ms = -1 if deadline is None else max(0, math.ceil((deadline - time.monotonic()) * 1000))
+        if self._timeouts.get(option) != ms:
+            self._socket.setsockopt(option, ms)
+            self._timeouts[option] = ms
+
+    def _timeout_error(self, what: str) -> IpcTimeoutError:
+        dropped = sum(self._stats[r.value] for r in DropReason)
+        return IpcTimeoutError(f"channel {self.endpoint}: {what} ({dropped} bad frames "
+                               "dropped so far); raise the timeout or check the peer process")
 
     def _accept(self, parts: list[bytes]) -> Any | None:
         """The message in ``parts`` if it passes every check, else None (dropped)."""

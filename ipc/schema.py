@@ -24,7 +24,7 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
 
 from ipc.errors import ProtocolError
@@ -53,18 +53,21 @@ _SCALARS: tuple[type, ...] = (int, float, bool, str, bytes)
 _MAX_PLAIN_DEPTH = 32
 
 
-class _Field:
-    """Converter of one declared type: ``to_wire`` checks a Python value and returns its
-    msgpack-able form; ``from_wire`` checks a decoded value and rebuilds the Python one.
-    ``path`` names the field in error messages (``rebalance.moves[3].src``)."""
+class _BadField(Exception):
+    """Internal: a value does not fit its declared type. Path segments are collected,
+    innermost first, while the error travels up, so that the happy path formats nothing."""
 
-    __slots__ = ("name", "to_wire", "from_wire")
+    def __init__(self, problem: str) -> None:
+        super().__init__(problem)
+        self.problem = problem
+        self.segments: list[str] = []
 
-    def __init__(self, name: str, to_wire: Callable[[Any, str], Any],
-                 from_wire: Callable[[Any, str], Any]) -> None:
-        self.name = name
-        self.to_wire = to_wire
-        self.from_wire = from_wire
+    def at(self, segment: str) -> _BadField:
+        self.segments.append(segment)
+        return self
+
+    def protocol_error(self, tag: str) -> ProtocolError:
+        return ProtocolError(f"field '{tag}{''.join(reversed(self.segments))}' {self.problem}")
 
 
 def _type_name(value: object) -> str:
@@ -72,78 +75,106 @@ def _type_name(value: object) -> str:
     return cls.__name__ if cls.__module__ == "builtins" else f"{cls.__module__}.{cls.__qualname__}"
 
 
-def _mismatch(path: str, expected: str, value: object) -> ProtocolError:
-    return ProtocolError(f"field '{path}' expects {expected}, got {_type_name(value)} "
-                         f"({value!r:.60})")
+def _mismatch(expected: str, value: object) -> _BadField:
+    return _BadField(f"expects {expected}, got {_type_name(value)} ({value!r:.60})")
+
+
+Convert = Callable[[Any], Any]
+
+
+class _Field:
+    """Converter of one declared type: ``to_wire`` checks a Python value and returns its
+    msgpack-able form; ``from_wire`` checks a decoded value and rebuilds the Python one;
+    both raise _BadField. ``kind`` is set for scalars, which are checked inline."""
+
+    __slots__ = ("name", "kind", "to_wire", "from_wire")
+
+    def __init__(self, name: str, to_wire: Convert, from_wire: Convert,
+                 kind: type | None = None) -> None:
+        self.name = name
+        self.kind = kind
+        self.to_wire = to_wire
+        self.from_wire = from_wire
 
 
 def _scalar(kind: type) -> _Field:
-    def check(value: Any, path: str) -> Any:
+    def check(value: Any) -> Any:
         if type(value) is not kind:
-            raise _mismatch(path, kind.__name__, value)
+            raise _mismatch(kind.__name__, value)
         return value
-    return _Field(kind.__name__, check, check)
+    return _Field(kind.__name__, check, check, kind)
 
 
 def _optional(inner: _Field) -> _Field:
-    def to_wire(value: Any, path: str) -> Any:
-        return None if value is None else inner.to_wire(value, path)
+    def to_wire(value: Any) -> Any:
+        return None if value is None else inner.to_wire(value)
 
-    def from_wire(value: Any, path: str) -> Any:
-        return None if value is None else inner.from_wire(value, path)
+    def from_wire(value: Any) -> Any:
+        return None if value is None else inner.from_wire(value)
     return _Field(f"{inner.name} | None", to_wire, from_wire)
 
 
 def _list(item: _Field) -> _Field:
     name = f"list[{item.name}]"
 
-    def convert(value: Any, path: str, one: Callable[[Any, str], Any]) -> list[Any]:
+    def convert(value: Any, one: Convert) -> list[Any]:
         if type(value) is not list:
-            raise _mismatch(path, name, value)
-        return [one(v, f"{path}[{i}]") for i, v in enumerate(value)]
-    return _Field(name, lambda v, p: convert(v, p, item.to_wire),
-                  lambda v, p: convert(v, p, item.from_wire))
+            raise _mismatch(name, value)
+        out = []
+        for i, v in enumerate(value):
+            try:
+                out.append(one(v))
+            except _BadField as err:
+                raise err.at(f"[{i}]")
+        return out
+    return _Field(name, lambda v: convert(v, item.to_wire), lambda v: convert(v, item.from_wire))
+
+
+def _dict_items(value: dict[Any, Any], one: Convert) -> dict[str, Any]:
+    out = {}
+    for k, v in value.items():
+        if type(k) is not str:
+            raise _mismatch("str", k).at(" key")
+        try:
+            out[k] = one(v)
+        except _BadField as err:
+            raise err.at(f"[{k!r}]")
+    return out
 
 
 def _dict(item: _Field) -> _Field:
     name = f"dict[str, {item.name}]"
 
-    def convert(value: Any, path: str, one: Callable[[Any, str], Any]) -> dict[str, Any]:
+    def convert(value: Any, one: Convert) -> dict[str, Any]:
         if type(value) is not dict:
-            raise _mismatch(path, name, value)
-        out = {}
-        for k, v in value.items():
-            if type(k) is not str:
-                raise _mismatch(f"{path} key", "str", k)
-            out[k] = one(v, f"{path}[{k!r}]")
-        return out
-    return _Field(name, lambda v, p: convert(v, p, item.to_wire),
-                  lambda v, p: convert(v, p, item.from_wire))
+            raise _mismatch(name, value)
+        return _dict_items(value, one)
+    return _Field(name, lambda v: convert(v, item.to_wire), lambda v: convert(v, item.from_wire))
 
 
 def _nested(spec: _Spec) -> _Field:
-    def to_wire(value: Any, path: str) -> Any:
+    def to_wire(value: Any) -> Any:
         if type(value) is not spec.cls:
-            raise _mismatch(path, spec.cls.__name__, value)
-        return spec.encode(value, path)
+            raise _mismatch(spec.cls.__name__, value)
+        return spec.encode(value)
     return _Field(spec.cls.__name__, to_wire, spec.decode)
 
 
-def _check_plain(value: Any, path: str, depth: int = 0) -> Any:
+def _check_plain(value: Any, depth: int = 0) -> Any:
     if type(value) in _SCALARS or value is None:
         return value
     if depth >= _MAX_PLAIN_DEPTH:
-        raise ProtocolError(f"field '{path}' nests deeper than {_MAX_PLAIN_DEPTH} levels")
+        raise _BadField(f"nests deeper than {_MAX_PLAIN_DEPTH} levels")
     if type(value) is list:
-        return [_check_plain(v, f"{path}[{i}]", depth + 1) for i, v in enumerate(value)]
-    if type(value) is dict:
-        for k, v in value.items():
-            if type(k) is not str:
-                raise _mismatch(f"{path} key", "str", k)
-            _check_plain(v, f"{path}[{k!r}]", depth + 1)
+        for i, v in enumerate(value):
+            try:
+                _check_plain(v, depth + 1)
+            except _BadField as err:
+                raise err.at(f"[{i}]")
         return value
-    raise _mismatch(path, "plain data (None, bool, int, float, str, bytes, list, dict[str, ...])",
-                    value)
+    if type(value) is dict:
+        return _dict_items(value, lambda v: _check_plain(v, depth + 1))
+    raise _mismatch("plain data (None, bool, int, float, str, bytes, list, dict[str, ...])", value)
 
 
 _PLAIN = _Field("Any", _check_plain, _check_plain)
@@ -183,23 +214,36 @@ class _Spec:
         self.fields = fields
         self.names = frozenset(name for name, _ in fields)
 
-    def encode(self, msg: Any, path: str) -> dict[str, Any]:
-        return {name: f.to_wire(getattr(msg, name), f"{path}.{name}") for name, f in self.fields}
+    def _convert(self, values: Iterable[Any], to_wire: bool) -> dict[str, Any]:
+        out = {}
+        for (name, f), v in zip(self.fields, values):
+            if f.kind is not None:
+                if type(v) is not f.kind:
+                    raise _mismatch(f.kind.__name__, v).at(f".{name}")
+            else:
+                try:
+                    v = f.to_wire(v) if to_wire else f.from_wire(v)
+                except _BadField as err:
+                    raise err.at(f".{name}")
+            out[name] = v
+        return out
 
-    def decode(self, value: Any, path: str) -> Any:
+    def encode(self, msg: Any) -> dict[str, Any]:
+        return self._convert([getattr(msg, name) for name, _ in self.fields], True)
+
+    def decode(self, value: Any) -> Any:
         if type(value) is not dict:
-            raise _mismatch(path, f"a map of {self.cls.__name__} fields", value)
+            raise _mismatch(f"a map of {self.cls.__name__} fields", value)
         if len(value) != len(self.fields) or not self.names.issuperset(value):
             missing = sorted(self.names.difference(value))
             extra = sorted(repr(k) for k in value if k not in self.names)
-            raise ProtocolError(f"{path} ({self.cls.__name__}): missing fields {missing}, "
-                                f"unexpected fields [{', '.join(extra)}]")
-        kwargs = {name: f.from_wire(value[name], f"{path}.{name}") for name, f in self.fields}
+            raise _BadField(f"({self.cls.__name__}) has missing fields {missing} and "
+                            f"unexpected fields [{', '.join(extra)}]")
+        kwargs = self._convert([value[name] for name, _ in self.fields], False)
         try:
             return self.cls(**kwargs)
         except (TypeError, ValueError) as err:  # the class's own __post_init__ checks
-            raise ProtocolError(f"{path} ({self.cls.__name__}) rejected its fields: {err}") \
-                from None
+            raise _BadField(f"({self.cls.__name__}) rejected its fields: {err}") from None
 
 
 _SPECS_BY_TAG: dict[str, _Spec] = {}
@@ -267,8 +311,11 @@ def message_type(tag: str) -> type:
 def to_fields(msg: object) -> tuple[str, dict[str, Any]]:
     """``(tag, fields)`` of a message, fields as plain msgpack-able values (nested messages
     become maps). ProtocolError if ``msg`` is unregistered or a field has the wrong type."""
-    tag = message_tag(msg)
-    return tag, _SPECS_BY_TAG[tag].encode(msg, tag)
+    spec = _SPECS_BY_TAG[message_tag(msg)]
+    try:
+        return spec.tag, spec.encode(msg)
+    except _BadField as err:
+        raise err.protocol_error(spec.tag) from None
 
 
 def from_fields(tag: str, fields: Any) -> Any:
@@ -276,7 +323,10 @@ def from_fields(tag: str, fields: Any) -> Any:
     field's type exactly. ProtocolError for an unknown tag, a missing, extra or ill-typed
     field; the message names the field path, the expected and the received type."""
     message_type(tag)
-    return _SPECS_BY_TAG[tag].decode(fields, tag)
+    try:
+        return _SPECS_BY_TAG[tag].decode(fields)
+    except _BadField as err:
+        raise err.protocol_error(tag) from None
 
 
 # --- ipc's own generic message types ---------------------------------------------------

@@ -305,7 +305,7 @@ def test_recv_timeout_is_honoured(key: bytes) -> None:
         assert parent.poll() is None
         for timeout in (0.0, 0.3):
             start = time.monotonic()
-            with pytest.raises(IpcTimeoutError, match=f"nothing within recv timeout={timeout} s"):
+            with pytest.raises(IpcTimeoutError, match=f"no good message arrived within recv timeout={timeout} s"):
                 parent.recv(timeout=timeout)
             assert timeout <= time.monotonic() - start < timeout + 0.2
 
