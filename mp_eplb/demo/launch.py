@@ -1,0 +1,278 @@
+"""``mp-eplb demo``: start N rank processes that decode with the demo MoE engine.
+
+The launcher spawns one process per rank; each joins the engine's own process group
+(gloo on 127.0.0.1, or NCCL for ``--device cuda`` plus a gloo group for CPU-side agreement,
+one GPU per rank), builds its model shard and balancer, runs the step loop and sends its
+:class:`~mp_eplb.demo.engine.RankResult` back as msgpack bytes over a pipe (no pickle).
+Any rank's failure, or the run passing ``--timeout``, makes the run fail.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import multiprocessing
+import socket
+import sys
+import time
+import traceback
+from dataclasses import dataclass
+from datetime import timedelta
+from multiprocessing.connection import Connection, wait
+
+import msgpack
+import torch
+import torch.distributed as dist
+
+from mp_eplb.demo.engine import Balancer, RankResult, StaticBalancer, run_engine, summarize
+from mp_eplb.demo.model import ConfigError, MoEConfig, MoEModel
+
+__all__ = [
+    "DemoFailure",
+    "RankContext",
+    "add_demo_arguments",
+    "config_from_args",
+    "init_rank_groups",
+    "make_balancer",
+    "run_demo",
+    "run_ranks",
+]
+
+logger = logging.getLogger(__name__)
+
+MODES = ("none",)
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+#: Seconds the other ranks get to report their own error after one rank failed.
+_FAILURE_GRACE_S = 10.0
+#: Seconds to wait for a rank process to exit after terminate (then kill).
+_EXIT_TIMEOUT_S = 10.0
+
+
+class DemoFailure(RuntimeError):
+    """A rank failed, died or the run timed out; the message has every rank's error."""
+
+
+@dataclass
+class RankContext:
+    """What a rank has built before the balancer: passed to :func:`make_balancer`.
+
+    ``ep_group`` carries the token all-to-all (NCCL on CUDA, gloo on CPU); ``cpu_group`` is
+    gloo over the same ranks, for CPU-side agreement.
+    """
+
+    rank: int
+    world_size: int
+    device: torch.device
+    ep_group: dist.ProcessGroup
+    cpu_group: dist.ProcessGroup
+    model: MoEModel
+
+
+def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the demo's options to ``parser`` (the ``demo`` subcommand's)."""
+    run = parser.add_argument_group("run")
+    run.add_argument("--ranks", type=int, default=2, help="rank processes (default 2)")
+    run.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                     help="cpu (gloo) or cuda (NCCL, one GPU per rank)")
+    run.add_argument("--steps", type=int, default=300, help="decode steps (default 300)")
+    run.add_argument("--seed", type=int, default=0, help="seed of weights, tokens and routing")
+    run.add_argument("--verify", action="store_true",
+                     help="check every layer's output against a dense reference at every step")
+    run.add_argument("--mode", choices=MODES, default="none",
+                     help="load balancer: none = EPLB off (fixed placement)")
+    run.add_argument("--rebalance-interval", type=int, default=100,
+                     help="steps between rebalances (default 100)")
+    run.add_argument("--quiet", action="store_true", help="no progress lines")
+    run.add_argument("--progress-every", type=int, default=0,
+                     help="steps between progress lines (default: steps / 10)")
+    run.add_argument("--timeout", type=float, default=600.0,
+                     help="seconds the whole run may take before it is stopped (default 600)")
+    run.add_argument("--collective-timeout", type=float, default=120.0,
+                     help="seconds one collective of the engine group may wait (default 120)")
+    model = parser.add_argument_group("model")
+    default = MoEConfig()
+    for flag, value, text in (
+            ("--layers", default.num_layers, "MoE layers"),
+            ("--experts", default.num_experts, "logical experts per layer"),
+            ("--redundant", default.num_redundant, "redundant physical slots per layer"),
+            ("--hidden", default.hidden, "hidden size"),
+            ("--inter", default.inter, "expert intermediate size"),
+            ("--top-k", default.top_k, "experts per token"),
+            ("--tokens", default.tokens_per_rank, "tokens per rank per step"),
+            ("--drift-interval", default.drift_interval,
+             "steps between changes of each layer's hot experts")):
+        model.add_argument(flag, type=int, default=value, help=f"{text} (default %(default)s)")
+    model.add_argument("--zipf", type=float, default=default.zipf,
+                       help="routing skew: Zipf exponent of the router bias (default %(default)s)")
+    model.add_argument("--dtype", choices=tuple(_DTYPES), default="float32",
+                       help="weight dtype (bfloat16 with --device cuda)")
+
+
+def config_from_args(args: argparse.Namespace) -> MoEConfig:
+    """The model config the options describe; ``ConfigError`` names a bad option."""
+    if args.dtype == "bfloat16" and args.device != "cuda":
+        raise ConfigError("--dtype bfloat16 needs --device cuda; use float32 on CPU")
+    cfg = MoEConfig(hidden=args.hidden, inter=args.inter, num_layers=args.layers,
+                    num_experts=args.experts, top_k=args.top_k, num_redundant=args.redundant,
+                    tokens_per_rank=args.tokens, seed=args.seed, zipf=args.zipf,
+                    drift_interval=args.drift_interval, dtype=_DTYPES[args.dtype])
+    cfg.slots_per_rank(args.ranks)
+    return cfg
+
+
+def make_balancer(args: argparse.Namespace, ctx: RankContext) -> Balancer:
+    """The balancer of ``args.mode`` for this rank (the one place modes are built)."""
+    if args.mode == "none":
+        return StaticBalancer.for_model(ctx.model)
+    raise ConfigError(f"--mode {args.mode!r} is not one of {MODES}")
+
+
+def init_rank_groups(rank: int, world_size: int, init_method: str, device: torch.device,
+                     timeout_s: float) -> tuple[dist.ProcessGroup, dist.ProcessGroup]:
+    """Join the engine's process group: ``(ep_group, cpu_group)``.
+
+    ``ep_group`` is the default group (NCCL for a CUDA ``device``, else gloo); ``cpu_group`` a
+    gloo group over the same ranks. Every collective waits at most ``timeout_s`` seconds.
+    """
+    timeout = timedelta(seconds=timeout_s)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        dist.init_process_group("nccl", init_method=init_method, rank=rank, world_size=world_size,
+                                timeout=timeout, device_id=device)
+        return dist.group.WORLD, dist.new_group(backend="gloo", timeout=timeout)
+    dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=world_size,
+                            timeout=timeout)
+    return dist.group.WORLD, dist.new_group(backend="gloo", timeout=timeout)
+
+
+def _rank_main(rank: int, args: argparse.Namespace, init_method: str, conn: Connection) -> None:
+    """Entry point of rank process ``rank``: run, then send one msgpack payload on ``conn``."""
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
+                        format=f"%(asctime)s rank{rank} %(name)s %(levelname)s %(message)s")
+    payload: dict
+    try:
+        device = torch.device(f"cuda:{rank}" if args.device == "cuda" else "cpu")
+        if device.type == "cpu":
+            torch.set_num_threads(1)  # one core per rank, as a rank has one device
+        ep_group, cpu_group = init_rank_groups(rank, args.ranks, init_method, device,
+                                               args.collective_timeout)
+        model = MoEModel(config_from_args(args), rank=rank, world_size=args.ranks, device=device,
+                         ep_group=ep_group, cpu_group=cpu_group)
+        balancer = make_balancer(args, RankContext(rank, args.ranks, device, ep_group, cpu_group,
+                                                   model))
+        progress = 0
+        if rank == 0 and not args.quiet:
+            progress = args.progress_every or max(1, args.steps // 10)
+        try:
+            result = run_engine(model, balancer, steps=args.steps, verify=args.verify,
+                                progress_every=progress)
+        finally:
+            balancer.shutdown()
+        payload = {"ok": True, "result": result.to_dict()}
+    except Exception as exc:  # reported to the launcher, which fails the run
+        payload = {"ok": False, "error": f"{type(exc).__name__}: {exc}",
+                   "traceback": traceback.format_exc()}
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    conn.send_bytes(msgpack.packb(payload))
+    conn.close()
+    if not payload["ok"]:
+        sys.exit(1)
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def run_ranks(args: argparse.Namespace) -> list[RankResult]:
+    """Run the demo on ``args.ranks`` spawned processes; every rank's result, by rank.
+
+    Raises :class:`ConfigError` for bad options before starting anything, and
+    :class:`DemoFailure` if any rank fails or dies, or the run exceeds ``args.timeout``
+    seconds; no rank process outlives the call.
+    """
+    config_from_args(args)
+    if args.device == "cuda" and torch.cuda.device_count() < args.ranks:
+        raise ConfigError(f"--ranks {args.ranks} needs {args.ranks} GPUs, "
+                          f"{torch.cuda.device_count()} visible; lower --ranks")
+    plain = argparse.Namespace(**{k: v for k, v in vars(args).items() if not callable(v)})
+    init_method = f"tcp://127.0.0.1:{_free_port()}"
+    ctx = multiprocessing.get_context("spawn")
+    procs, readers = [], {}
+    for rank in range(args.ranks):
+        reader, writer = ctx.Pipe(duplex=False)
+        proc = ctx.Process(target=_rank_main, args=(rank, plain, init_method, writer),
+                           name=f"mp-eplb-demo-rank{rank}", daemon=True)
+        proc.start()
+        writer.close()
+        procs.append(proc)
+        readers[reader] = rank
+    results: dict[int, RankResult] = {}
+    errors: dict[int, str] = {}
+    try:
+        results, errors = _collect(procs, readers, time.monotonic() + args.timeout, args.timeout)
+    finally:
+        _stop(procs, _EXIT_TIMEOUT_S if len(results) == len(procs) else 0.0)
+        for reader in readers:
+            reader.close()
+    if errors:
+        raise DemoFailure("; ".join(errors[rank] for rank in sorted(errors)))
+    return [results[rank] for rank in range(args.ranks)]
+
+
+def _collect(procs: list, readers: dict[Connection, int], deadline: float,
+             timeout_s: float) -> tuple[dict[int, RankResult], dict[int, str]]:
+    results: dict[int, RankResult] = {}
+    errors: dict[int, str] = {}
+    pending = dict(readers)
+    while pending:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            for rank in sorted(pending.values()):
+                errors.setdefault(rank, f"rank {rank} gave no result within --timeout {timeout_s:g} s"
+                                  if not errors else f"rank {rank} stopped after another rank failed")
+            break
+        for reader in wait(list(pending), timeout=remaining):
+            rank = pending.pop(reader)
+            try:
+                payload = msgpack.unpackb(reader.recv_bytes(), raw=False)
+            except EOFError:
+                procs[rank].join(_EXIT_TIMEOUT_S)
+                errors[rank] = f"rank {rank} exited (code {procs[rank].exitcode}) without a result"
+                continue
+            if payload["ok"]:
+                results[rank] = RankResult.from_dict(payload["result"])
+            else:
+                logger.debug("rank %d failed:\n%s", rank, payload["traceback"])
+                errors[rank] = f"rank {rank}: {payload['error']}"
+        if errors:
+            deadline = min(deadline, time.monotonic() + _FAILURE_GRACE_S)
+    return results, errors
+
+
+def _stop(procs: list, join_s: float) -> None:
+    """Join every rank process for ``join_s`` seconds; terminate, then kill, those still running."""
+    deadline = time.monotonic() + join_s
+    for proc in procs:
+        proc.join(max(0.0, deadline - time.monotonic()))
+    for proc in procs:
+        if proc.is_alive():
+            proc.terminate()
+            proc.join(_EXIT_TIMEOUT_S)
+        if proc.is_alive():
+            proc.kill()
+            proc.join(_EXIT_TIMEOUT_S)
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    """``mp-eplb demo``: run, print the summary; 0 on success, 1 on any failure."""
+    try:
+        results = run_ranks(args)
+    except (ConfigError, DemoFailure) as exc:
+        print(f"mp-eplb demo failed: {exc}", file=sys.stderr)
+        return 1
+    print(summarize(results).describe())
+    return 0
