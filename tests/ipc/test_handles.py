@@ -334,7 +334,9 @@ def cuda_consumer_child(link: Link, device: int) -> None:
     local.copy_(view)  # a peer pull when device != 0
     torch.cuda.synchronize()
     assert_same(local, pattern(PARENT_SHIFT, dtype, GPU_SHAPE)[GPU_VIEW])
-    view.copy_(pattern(CHILD_SHIFT, dtype, GPU_SHAPE, f"cuda:{device}")[GPU_VIEW])
+    # Write from the memory's own device: a kernel on the peer GPU writing a strided view of
+    # IPC-opened memory faulted (illegal address) on the H200 pair; pulls are plain copies.
+    view.copy_(pattern(CHILD_SHIFT, dtype, GPU_SHAPE, "cuda:0")[GPU_VIEW])
     torch.cuda.synchronize()
     del view, local
     assert close_all() == 1

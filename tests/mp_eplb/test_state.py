@@ -26,6 +26,11 @@ pytestmark = pytest.mark.timeout(240)
 
 NUM_LAYERS = 3
 NUM_LOGICAL = 8
+MAX_STEPS = 5000
+
+
+def _completed(state: EplbState) -> int:
+    return sum(1 for r in state.history if r.end_step is not None and not r.aborted)
 
 
 def _make_weights(rank: int, world: int, phy2log: np.ndarray,
@@ -74,17 +79,15 @@ def _run_rebalances(rank: int, world: int, mode: str, redundant: int, steps: int
     groups_before = _process_groups()
     with EplbState(weights, rank=rank, world_size=world, num_logical_experts=NUM_LOGICAL,
                    num_groups=2, config=config, cpu_group=dist.group.WORLD) as state:
-        for step in range(steps):
+        # At least `steps` steps, then on until two rebalances completed and none is in
+        # flight (bounded: the first NCCL rebalance pays communicator set-up).
+        step = 0
+        while step < steps or _completed(state) < 2 or state.rebalance_active:
             load = skewed_load(state.physical_to_logical_map.cpu().numpy(), step, rank)
             state.step(torch.as_tensor(load, device=device))
             _check_rank(state, world)
-            time.sleep(0.002)
-        # Let the last rebalance finish (bounded), still checking every step.
-        extra = 0
-        while state.rebalance_active and extra < 2000:
-            state.step(torch.zeros(NUM_LAYERS, num_phy, dtype=torch.int64, device=device))
-            _check_rank(state, world)
-            extra += 1
+            step += 1
+            assert step < MAX_STEPS, f"rebalances did not complete within {MAX_STEPS} steps"
             time.sleep(0.002)
         history = [(r.rebalance_id, r.aborted, r.layers_committed, r.commit_steps)
                    for r in state.history]
