@@ -37,7 +37,7 @@ from mp_eplb.worker import build_worker
 if TYPE_CHECKING:
     from mp_eplb.state import EplbState
 
-__all__ = ["WorkerBackend", "ProcessBackend", "ThreadBackend", "make_backend",
+__all__ = ["WorkerBackend", "ProcessBackend", "ThreadBackend", "make_backend", "rendezvous",
            "ENDPOINT_ENV", "PARENT_PID_ENV", "START_TIMEOUT_ENV"]
 
 logger = logging.getLogger(__name__)
@@ -70,6 +70,8 @@ class WorkerBackend(abc.ABC):
         self.events = ([SharedEvent.create(device)
                         for _ in range(1 + state.config.num_staging_buffers)]
                        if self._cuda else [])
+        self.progress = empty((1,), torch.int64, torch.device("cpu"))
+        self.progress.zero_()
 
     @abc.abstractmethod
     def send(self, msg: Any) -> None: ...
@@ -78,13 +80,27 @@ class WorkerBackend(abc.ABC):
     def poll(self) -> Any | None: ...
 
     @abc.abstractmethod
-    def alive(self) -> bool: ...
+    def alive(self) -> bool:
+        """False once the worker has exited, failed to start, or ended."""
 
     @abc.abstractmethod
     def exit_description(self) -> str: ...
 
     @abc.abstractmethod
     def close(self) -> None: ...
+
+    #: Whether :meth:`restart` can replace a failed worker.
+    restartable = False
+
+    def restart(self, rendezvous: str) -> None:
+        raise NotImplementedError(f"{type(self).__name__} cannot restart its worker")
+
+    ready = True
+
+    def progress_count(self) -> int:
+        """The worker's application-level progress counter (it advances while the worker's
+        loop runs, idle or busy; a stuck loop stops it)."""
+        return int(self.progress[0])
 
     # GPU ordering: events[0] after the load window is written, events[1 + slot] after the
     # engine's last read of a staging buffer. Recorded on the engine's current stream.
@@ -104,7 +120,7 @@ def make_backend(state: EplbState) -> WorkerBackend:
     return ThreadBackend(state)
 
 
-def _rendezvous(state: EplbState) -> str:
+def rendezvous(state: EplbState) -> str:
     """The workers' process-group address: the configured one, or a free port picked by
     rank 0 on 127.0.0.1 and shared over the engine's CPU group (single node only)."""
     if state.config.rendezvous is not None:
@@ -122,9 +138,11 @@ def _rendezvous(state: EplbState) -> str:
 class ProcessBackend(WorkerBackend):
     """A transfer subprocess (``python -m mp_eplb.worker_process``) talking over ZeroMQ.
 
-    The weights are re-homed into shareable memory, staging buffers, load window and events
-    are allocated here and exported as handles; the session key reaches the child through
-    its environment, never its command line.
+    The weights are re-homed into shareable memory; staging buffers, load window, progress
+    counter and events are allocated here and exported as handles. The session key reaches
+    the child through its environment, never its command line. The first start blocks (up
+    to ``start_timeout_s``); :meth:`restart` does not: the handshake advances in
+    :meth:`poll`, and messages sent meanwhile are queued until the worker is set up.
     """
 
     def __init__(self, state: EplbState) -> None:
@@ -132,8 +150,29 @@ class ProcessBackend(WorkerBackend):
             for t in layer:
                 _rehome_shared(t)
         super().__init__(state, handles.shared_empty)
-        cfg = state.config
-        rendezvous = _rendezvous(state)
+        self.proc: subprocess.Popen | None = None
+        self.channel: Channel | None = None
+        self.restarts = 0
+        self._spawn(rendezvous(state))
+        deadline = time.monotonic() + state.config.start_timeout_s
+        try:
+            while not self.ready:
+                self._pump()
+                if self._start_error:
+                    raise WorkerStartError(self._start_error)
+                if time.monotonic() > deadline:
+                    raise WorkerStartError(
+                        "transfer worker did not finish its handshake within "
+                        f"EplbConfig.start_timeout_s={state.config.start_timeout_s} s")
+                time.sleep(0.005)
+        except BaseException:
+            self.close()
+            raise
+
+    # -- start-up -------------------------------------------------------------------------
+
+    def _spawn(self, rendezvous: str) -> None:
+        cfg = self.state.config
         key = new_session_key()
         self.channel = Channel.bind(key, cfg.endpoint)
         env = dict(os.environ)
@@ -141,95 +180,131 @@ class ProcessBackend(WorkerBackend):
         env[ENDPOINT_ENV] = self.channel.endpoint
         env[PARENT_PID_ENV] = str(os.getpid())
         env[START_TIMEOUT_ENV] = str(cfg.start_timeout_s)
-        started = time.monotonic()
+        self._rendezvous_addr = rendezvous
+        self._phase = "hello"
+        self._pending: list[Any] = []
+        self._start_error = ""
+        self._started_at = time.monotonic()
         self.proc = subprocess.Popen([sys.executable, "-m", "mp_eplb.worker_process"], env=env,
                                      stdin=subprocess.DEVNULL, close_fds=True)
-        try:
-            hello = self._expect(Hello, cfg.start_timeout_s)
-            if hello.protocol_version != PROTOCOL_VERSION:
-                raise WorkerStartError(
-                    f"transfer worker speaks protocol {hello.protocol_version}, this engine "
-                    f"{PROTOCOL_VERSION}: install the same mp_eplb for both")
-            self.channel.send(self._setup_message(rendezvous))
-            done = self._expect(SetupDone, cfg.start_timeout_s)
-        except BaseException:
-            self.close()
-            raise
-        self.start_s = time.monotonic() - started
-        logger.info("rank %d: transfer worker pid %d ready in %.2f s", state.rank, done.pid,
-                    self.start_s)
+
+    restartable = True
+
+    @property
+    def ready(self) -> bool:
+        return self._phase == "ready"
+
+    def _pump(self) -> None:
+        """Advance the handshake without blocking: Hello -> Setup -> SetupDone."""
+        while not self.ready and not self._start_error:
+            if self.proc.poll() is not None:
+                self._start_error = (f"transfer worker exited during start-up "
+                                     f"({self.exit_description()}); see its log")
+                return
+            if time.monotonic() - self._started_at > self.state.config.start_timeout_s:
+                self._start_error = ("transfer worker did not finish its handshake within "
+                                     f"EplbConfig.start_timeout_s={self.state.config.start_timeout_s} s")
+                return
+            msg = self.channel.poll()
+            if msg is None:
+                return
+            if isinstance(msg, WorkerError):
+                self._start_error = f"transfer worker failed to start: {msg.kind}: {msg.detail}"
+            elif self._phase == "hello" and isinstance(msg, Hello):
+                if msg.protocol_version != PROTOCOL_VERSION:
+                    self._start_error = (
+                        f"transfer worker speaks protocol {msg.protocol_version}, this engine "
+                        f"{PROTOCOL_VERSION}: install the same mp_eplb for both")
+                    return
+                self.channel.send(self._setup_message(self._rendezvous_addr))
+                self._phase = "setup"
+            elif self._phase == "setup" and isinstance(msg, SetupDone):
+                self._phase = "ready"
+                self.start_s = time.monotonic() - self._started_at
+                logger.info("rank %d: transfer worker pid %d ready in %.2f s", self.state.rank,
+                            msg.pid, self.start_s)
+                for queued in self._pending:
+                    self.channel.send(queued)
+                self._pending.clear()
+            else:
+                logger.warning("rank %d: unexpected %s during worker start-up",
+                               self.state.rank, type(msg).__name__)
 
     def _setup_message(self, rendezvous: str) -> Setup:
         s = self.state
         return Setup(
-            topology=s.topology, communicator=s.config.resolved_communicator(s.device.type), rendezvous=rendezvous,
-            device=str(s.device),
+            topology=s.topology, communicator=s.config.resolved_communicator(s.device.type),
+            rendezvous=rendezvous, device=str(s.device),
             weights=[[handles.export_tensor(t) for t in layer] for layer in s.expert_weights],
             buffers=[[handles.export_tensor(t) for t in slot] for slot in self.buffers],
             load_window=handles.export_tensor(self.load_window),
+            progress=handles.export_tensor(self.progress),
             events=[e.export() for e in self.events],
             collective_timeout_s=float(s.config.layer_timeout_s))
 
-    def _expect(self, kind: type, timeout_s: float) -> Any:
-        """Wait for a message of ``kind``, watching the child; WorkerStartError otherwise."""
-        deadline = time.monotonic() + timeout_s
-        while True:
-            if self.proc.poll() is not None:
-                raise WorkerStartError(f"transfer worker exited during start-up "
-                                       f"({self.exit_description()}); see its log above")
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise WorkerStartError(f"no {kind.__name__} from the transfer worker within "
-                                       f"EplbConfig.start_timeout_s={timeout_s} s")
-            try:
-                msg = self.channel.recv(timeout=min(remaining, 0.2))
-            except IpcTimeoutError:
-                continue
-            if isinstance(msg, WorkerError):
-                raise WorkerStartError(f"transfer worker failed to start: {msg.kind}: {msg.detail}")
-            if isinstance(msg, kind):
-                return msg
-            logger.warning("rank %d: unexpected %s during worker start-up", self.state.rank,
-                           type(msg).__name__)
+    # -- running --------------------------------------------------------------------------
 
     def send(self, msg: Any) -> None:
-        self.channel.send(msg)
+        if self.ready:
+            self.channel.send(msg)
+        else:
+            self._pending.append(msg)
 
     def poll(self) -> Any | None:
+        if not self.ready:
+            self._pump()
+            return None
         return self.channel.poll()
 
     def alive(self) -> bool:
-        return self.proc.poll() is None
+        return self.proc is not None and self.proc.poll() is None and not self._start_error
 
     def exit_description(self) -> str:
-        code = self.proc.poll()
+        if self._start_error:
+            return self._start_error
+        code = None if self.proc is None else self.proc.poll()
         if code is None:
             return "still running"
         return f"killed by signal {-code}" if code < 0 else f"exit code {code}"
 
-    def close(self) -> None:
-        """Ask the worker to stop, then terminate, then kill; free the shared memory."""
-        if getattr(self, "proc", None) is not None and self.proc.poll() is None:
-            try:
-                self.channel.send(Shutdown(reason="engine shutdown"))
-            except IpcError:
-                pass
-            for action in (None, self.proc.terminate, self.proc.kill):
+    def restart(self, rendezvous: str) -> None:
+        """Kill the current worker (if any) and start a new one; returns at once."""
+        self._stop_worker(grace_s=0.0)
+        self.restarts += 1
+        logger.warning("rank %d: restarting the transfer worker (restart %d)", self.state.rank,
+                       self.restarts)
+        self._spawn(rendezvous)
+
+    def _stop_worker(self, grace_s: float) -> None:
+        """Ask, wait ``grace_s``, terminate, wait, kill; then close the channel."""
+        if self.proc is not None and self.proc.poll() is None:
+            if self.ready and grace_s > 0:
+                try:
+                    self.channel.send(Shutdown(reason="engine shutdown"))
+                except IpcError:
+                    pass
+            for action, wait_s in ((None, grace_s), (self.proc.terminate, SHUTDOWN_GRACE_S),
+                                   (self.proc.kill, SHUTDOWN_GRACE_S)):
                 if action is not None:
                     action()
                 try:
-                    self.proc.wait(timeout=SHUTDOWN_GRACE_S)
+                    self.proc.wait(timeout=wait_s)
                     break
                 except subprocess.TimeoutExpired:
-                    logger.warning("rank %d: transfer worker did not exit in %.0f s; escalating",
-                                   self.state.rank, SHUTDOWN_GRACE_S)
-        if getattr(self, "channel", None) is not None:
+                    logger.warning("rank %d: transfer worker still running after %.1f s; "
+                                   "escalating", self.state.rank, wait_s)
+        if self.channel is not None:
             self.channel.close()
-        for slot in getattr(self, "buffers", []):
-            for t in slot:
+            self.channel = None
+
+    def close(self) -> None:
+        """Stop the worker (escalating), free the shared memory. Idempotent."""
+        self._stop_worker(grace_s=SHUTDOWN_GRACE_S)
+        if self.buffers:
+            for t in [t for slot in self.buffers for t in slot] + [self.load_window,
+                                                                    self.progress]:
                 handles.release(t)
-        if getattr(self, "load_window", None) is not None:
-            handles.release(self.load_window)
+            self.buffers = []
 
 
 def _rehome_shared(t: torch.Tensor) -> None:
@@ -272,7 +347,8 @@ class ThreadBackend(WorkerBackend):
         try:
             serve(worker, link, StreamEvents(self.events, self.state.config.layer_timeout_s),
                   num_slots=self.state.config.num_staging_buffers,
-                  layer_timeout_s=self.state.config.layer_timeout_s)
+                  layer_timeout_s=self.state.config.layer_timeout_s,
+                  progress=lambda: self.progress.add_(1))
         except BaseException as err:  # reported to the engine, which abandons the rebalance
             self._error = err
             logger.error("transfer thread failed:\n%s", traceback.format_exc())

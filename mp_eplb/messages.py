@@ -66,6 +66,7 @@ class Setup:
 
     ``weights[layer][i]``, ``buffers[slot][i]``: tensor handles (engine-owned memory).
     ``load_window``: handle of the ``[window, layers, logical]`` int64 load window.
+    ``progress``: handle of an int64 ``[1]`` CPU counter the worker's loop advances.
     ``events``: interprocess CUDA event handles: ``events[0]`` is recorded by the engine when
     it asks for a rebalance (the load window is complete up to then), ``events[1 + slot]``
     after its last read of staging buffer ``slot``. Empty on CPU.
@@ -78,6 +79,7 @@ class Setup:
     weights: list[list[dict[str, Any]]]
     buffers: list[list[dict[str, Any]]]
     load_window: dict[str, Any]
+    progress: dict[str, Any]
     events: list[dict[str, Any]]
     collective_timeout_s: float
 

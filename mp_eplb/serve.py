@@ -128,9 +128,15 @@ class _Inbox:
         self.stopped = False
         self.shutdown = False
 
-    def take(self, timeout: float | None) -> None:
-        """Handle pending messages, first waiting up to ``timeout`` s for one if given."""
-        msg = self.link.poll() if timeout is None else _recv_or_none(self.link, timeout)
+    def take(self, timeout: float | None, progress: Callable[[], None]) -> None:
+        """Handle pending messages, first waiting up to ``timeout`` s for one if given
+        (in slices, advancing ``progress``: waiting for the engine is not being stuck)."""
+        msg = self.link.poll()
+        if timeout is not None:
+            deadline = time.monotonic() + timeout
+            while msg is None and (remaining := deadline - time.monotonic()) > 0:
+                progress()
+                msg = _recv_or_none(self.link, min(remaining, IDLE_POLL_S))
         while msg is not None:
             if isinstance(msg, BufferFree) and msg.rebalance_id == self.rebalance_id:
                 self.free.append(msg.slot)
@@ -156,7 +162,7 @@ def _rebalance(worker: TransferWorker, inbox: _Inbox, events: StreamEvents, msg:
     staged = 0
     for index, layer in enumerate(plan.layers):
         progress()
-        inbox.take(timeout=None)
+        inbox.take(None, progress)
         deadline = time.monotonic() + layer_timeout_s
         while not inbox.free and not inbox.stopped:
             remaining = deadline - time.monotonic()
@@ -164,7 +170,7 @@ def _rebalance(worker: TransferWorker, inbox: _Inbox, events: StreamEvents, msg:
                 raise IpcTimeoutError(
                     f"no staging buffer came back within layer_timeout_s={layer_timeout_s} s "
                     f"(rebalance {rid}, plan entry {index})")
-            inbox.take(timeout=remaining)
+            inbox.take(remaining, progress)
         if not worker.agree_to_continue(inbox.stopped):
             inbox.stopped = True
             break

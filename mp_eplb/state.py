@@ -24,7 +24,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from mp_eplb.backends import WorkerBackend, make_backend
+from ipc.schema import Goodbye
+from mp_eplb.backends import WorkerBackend, make_backend, rendezvous as _rendezvous_for
 from mp_eplb.config import EplbConfig
 from mp_eplb.errors import EplbError, WorkerFailedError
 from mp_eplb.maps import RoutingMaps, maps_from_phy2log, validate_phy2log
@@ -36,6 +37,9 @@ from mp_eplb.transfer import TransferMetadata, move_from_buffer, rearrange_exper
 __all__ = ["EplbState", "StepReport", "RebalanceRecord"]
 
 logger = logging.getLogger(__name__)
+
+#: Seconds between worker health checks while no rebalance is in flight.
+WATCH_INTERVAL_S = 0.1
 
 
 @dataclass(frozen=True)
@@ -154,6 +158,9 @@ class EplbState:
         self._inflight: _InFlight | None = None
         self._next_id = 0
         self._backend: WorkerBackend | None = None
+        self._worker_fault = ""
+        self._last_watch = 0.0
+        self._progress_seen = (-1, time.monotonic())
         self.load_window: torch.Tensor
         if self.config.mode == "sync":
             self.load_window = torch.zeros(self._window_shape(), dtype=torch.int64,
@@ -176,6 +183,8 @@ class EplbState:
         self.step_count += 1
         started = finished = False
         committed: list[int] = []
+        if self._backend is not None and self._inflight is None:
+            self._watch_idle()
         if self._inflight is not None:
             committed, finished = self._advance()
         elif self.step_count % self.config.step_interval == 0:
@@ -256,14 +265,82 @@ class EplbState:
 
     # -- process / thread mode --------------------------------------------------------------
 
+    def _health(self) -> str:
+        """Why the worker cannot serve ("" if it can): exited, failed to start, or hung
+        (its progress counter stood still for ``heartbeat_timeout_s`` while it was up)."""
+        backend = self._backend
+        if self._worker_fault:
+            return self._worker_fault
+        if not backend.alive():
+            return f"transfer worker exited ({backend.exit_description()})"
+        if not backend.ready:
+            return ""
+        now, count = time.monotonic(), backend.progress_count()
+        if count != self._progress_seen[0]:
+            self._progress_seen = (count, now)
+        elif now - self._progress_seen[1] > self.config.heartbeat_timeout_s:
+            return (f"transfer worker made no progress for {now - self._progress_seen[1]:.1f} s "
+                    f"(EplbConfig.heartbeat_timeout_s={self.config.heartbeat_timeout_s}); "
+                    "treating it as hung")
+        return ""
+
+    def _watch_idle(self) -> None:
+        """Between rebalances: every WATCH_INTERVAL_S, take worker messages and check its
+        health, so a death is reported within a second (the restart itself is collective
+        and happens at the next rebalance start)."""
+        now = time.monotonic()
+        if now - self._last_watch < WATCH_INTERVAL_S:
+            return
+        self._last_watch = now
+        while (msg := self._backend.poll()) is not None:
+            self._take_idle_message(msg)
+        fault = self._health()
+        if fault and not self._worker_fault:
+            self._record_fault(fault)
+
+    def _take_idle_message(self, msg: object) -> None:
+        if isinstance(msg, RebalanceDone):
+            for record in self.history:
+                if record.rebalance_id == msg.rebalance_id:
+                    record.bytes_staged, record.stage_s = msg.bytes_staged, msg.stage_s
+        elif isinstance(msg, WorkerError):
+            self._record_fault(f"transfer worker failed: {msg.kind}: {msg.detail}")
+        elif isinstance(msg, Goodbye):
+            self._record_fault(f"transfer worker said goodbye: {msg.reason}")
+        else:
+            logger.debug("rank %d: ignoring %s between rebalances", self.rank, type(msg).__name__)
+
+    def _record_fault(self, reason: str) -> None:
+        logger.error("rank %d: %s", self.rank, reason)
+        self._worker_fault = reason
+        self.last_error = WorkerFailedError(reason)
+
+    def _restart_workers(self) -> None:
+        """Replace every rank's worker (collective: all ranks call it at the same step). The
+        workers' process group spans all ranks, so one failure means a new group for all."""
+        if not self._backend.restartable:
+            return
+        self._backend.restart(_rendezvous_for(self))
+        self._worker_fault = ""
+        self._progress_seen = (-1, time.monotonic())
+
     def _start(self) -> None:
         assert self._backend is not None
+        fault = self._health()
+        if self.world_size > 1:
+            flag = torch.tensor([1 if fault else 0], dtype=torch.int64)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.cpu_group)
+            any_fault = bool(flag.item())
+        else:
+            any_fault = bool(fault)
+        if any_fault:
+            self._restart_workers()
         record = RebalanceRecord(self._next_id, self.step_count, time.perf_counter())
         self._next_id += 1
         self._inflight = _InFlight(record)
         self.history.append(record)
-        if not self._backend.alive():
-            self._inflight.failure = "transfer worker is not running"
+        if any_fault and not self._backend.restartable:
+            self._inflight.failure = fault or "a peer rank's transfer worker is unavailable"
             return
         self._backend.record_load_event()
         self._backend.send(Rebalance(rebalance_id=record.rebalance_id, step=self.step_count,
@@ -358,8 +435,9 @@ class EplbState:
     def _check_worker(self, flight: _InFlight) -> None:
         if flight.failure:
             return
-        if not self._backend.alive():
-            self._fail(flight, f"transfer worker exited ({self._backend.exit_description()})")
+        fault = self._health()
+        if fault:
+            self._fail(flight, fault)
             return
         waiting = flight.plan is None or (
             len(flight.ready) < len(flight.plan.layers)
@@ -413,9 +491,12 @@ class EplbState:
         flight.record.aborted, flight.record.reason = True, reason
         logger.warning("rank %d abandons rebalance %d after %d committed layers: %s", self.rank,
                        flight.record.rebalance_id, flight.committed, reason)
-        if self._backend.alive():
-            self._backend.send(Abort(rebalance_id=flight.record.rebalance_id, reason=reason))
         self._finish(flight)
+        if self._backend.restartable:
+            self._restart_workers()
+        else:
+            self._backend.send(Abort(rebalance_id=flight.record.rebalance_id, reason=reason))
+            self._worker_fault = self._worker_fault or reason
 
 
 def _validate_weights(expert_weights: Sequence[Sequence[torch.Tensor]]) -> list[list[torch.Tensor]]:

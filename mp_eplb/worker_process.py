@@ -68,6 +68,8 @@ def _open_setup(setup: Setup):
     buffers = [[handles.open_tensor(h) for h in slot] for slot in setup.buffers]
     load_window = handles.open_tensor(setup.load_window)
     events = [SharedEvent.open(h) for h in setup.events]
+    progress = handles.open_tensor(setup.progress, expect={"shape": (1,), "dtype": torch.int64,
+                                                           "device": "cpu"})
     backend = "nccl" if setup.communicator == "nccl" else "gloo"
     dist.init_process_group(backend, init_method=setup.rendezvous, rank=setup.topology.rank,
                             world_size=setup.topology.world_size,
@@ -76,7 +78,7 @@ def _open_setup(setup: Setup):
     worker = build_worker(topology=setup.topology, communicator=setup.communicator, device=device,
                           weights=weights, buffers=buffers, load_window=load_window,
                           group=dist.group.WORLD, weight_handles=setup.weights)
-    return worker, StreamEvents(events, setup.collective_timeout_s)
+    return worker, StreamEvents(events, setup.collective_timeout_s), progress
 
 
 def main() -> int:
@@ -91,10 +93,10 @@ def main() -> int:
         setup = channel.recv(timeout=float(os.environ[START_TIMEOUT_ENV]))
         if not isinstance(setup, Setup):
             raise TypeError(f"expected Setup first, got {type(setup).__name__}")
-        worker, events = _open_setup(setup)
+        worker, events, progress = _open_setup(setup)
         channel.send(SetupDone(pid=os.getpid()))
         serve(worker, channel, events, num_slots=len(setup.buffers),
-              layer_timeout_s=setup.collective_timeout_s)
+              layer_timeout_s=setup.collective_timeout_s, progress=lambda: progress.add_(1))
         channel.send(Goodbye(reason="shutdown requested", exit_code=0))
         return 0
     except BaseException as err:
