@@ -16,9 +16,11 @@ import socket
 import sys
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from multiprocessing.connection import Connection, wait
+from typing import Any
 
 import msgpack
 import torch
@@ -30,12 +32,15 @@ from mp_eplb.demo.model import ConfigError, MoEConfig, MoEModel
 __all__ = [
     "DemoFailure",
     "RankContext",
+    "RankEnv",
+    "RankTarget",
     "add_demo_arguments",
     "config_from_args",
     "init_rank_groups",
     "make_balancer",
     "run_demo",
     "run_ranks",
+    "spawn_ranks",
 ]
 
 logger = logging.getLogger(__name__)
@@ -49,12 +54,24 @@ _EXIT_TIMEOUT_S = 10.0
 
 
 class DemoFailure(RuntimeError):
-    """A rank failed, died or the run timed out; the message has every rank's error."""
+    """A rank failed, died or the run timed out.
+
+    ``errors`` maps each failed rank to ``"ExceptionType: message"`` (or what happened to it);
+    the message lists them all.
+    """
+
+    def __init__(self, errors: dict[int, str]) -> None:
+        super().__init__("; ".join(f"rank {rank}: {errors[rank]}" for rank in sorted(errors)))
+        self.errors = dict(errors)
 
 
-@dataclass
-class RankContext:
-    """What a rank has built before the balancer: passed to :func:`make_balancer`.
+#: A rank's work for :func:`spawn_ranks`: ``target(env, arg)`` returns msgpack-able data.
+RankTarget = Callable[["RankEnv", Any], Any]
+
+
+@dataclass(frozen=True)
+class RankEnv:
+    """One rank process's place in the engine group.
 
     ``ep_group`` carries the token all-to-all (NCCL on CUDA, gloo on CPU); ``cpu_group`` is
     gloo over the same ranks, for CPU-side agreement.
@@ -65,6 +82,13 @@ class RankContext:
     device: torch.device
     ep_group: dist.ProcessGroup
     cpu_group: dist.ProcessGroup
+
+
+@dataclass(frozen=True)
+class RankContext:
+    """What a rank has built before its balancer: passed to :func:`make_balancer`."""
+
+    env: RankEnv
     model: MoEModel
 
 
@@ -145,30 +169,36 @@ def init_rank_groups(rank: int, world_size: int, init_method: str, device: torch
     return dist.group.WORLD, dist.new_group(backend="gloo", timeout=timeout)
 
 
-def _rank_main(rank: int, args: argparse.Namespace, init_method: str, conn: Connection) -> None:
-    """Entry point of rank process ``rank``: run, then send one msgpack payload on ``conn``."""
-    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
+def _demo_rank(env: RankEnv, args: argparse.Namespace) -> dict:
+    """One rank of the demo: build the model and balancer, decode, return the RankResult."""
+    model = MoEModel(config_from_args(args), rank=env.rank, world_size=env.world_size,
+                     device=env.device, ep_group=env.ep_group, cpu_group=env.cpu_group)
+    balancer = make_balancer(args, RankContext(env, model))
+    progress = 0
+    if env.rank == 0 and not args.quiet:
+        progress = args.progress_every or max(1, args.steps // 10)
+    try:
+        result = run_engine(model, balancer, steps=args.steps, verify=args.verify,
+                            progress_every=progress)
+    finally:
+        balancer.shutdown()
+    return result.to_dict()
+
+
+def _rank_entry(rank: int, spec: _SpawnSpec, target: RankTarget, arg: object,
+                conn: Connection) -> None:
+    """Entry point of spawned rank ``rank``: run ``target``, send one msgpack payload on ``conn``."""
+    logging.basicConfig(level=logging.WARNING if spec.quiet else logging.INFO,
                         format=f"%(asctime)s rank{rank} %(name)s %(levelname)s %(message)s")
     payload: dict
     try:
-        device = torch.device(f"cuda:{rank}" if args.device == "cuda" else "cpu")
+        device = torch.device(f"cuda:{rank}" if spec.device == "cuda" else "cpu")
         if device.type == "cpu":
             torch.set_num_threads(1)  # one core per rank, as a rank has one device
-        ep_group, cpu_group = init_rank_groups(rank, args.ranks, init_method, device,
-                                               args.collective_timeout)
-        model = MoEModel(config_from_args(args), rank=rank, world_size=args.ranks, device=device,
-                         ep_group=ep_group, cpu_group=cpu_group)
-        balancer = make_balancer(args, RankContext(rank, args.ranks, device, ep_group, cpu_group,
-                                                   model))
-        progress = 0
-        if rank == 0 and not args.quiet:
-            progress = args.progress_every or max(1, args.steps // 10)
-        try:
-            result = run_engine(model, balancer, steps=args.steps, verify=args.verify,
-                                progress_every=progress)
-        finally:
-            balancer.shutdown()
-        payload = {"ok": True, "result": result.to_dict()}
+        ep_group, cpu_group = init_rank_groups(rank, spec.world_size, spec.init_method, device,
+                                               spec.collective_timeout_s)
+        env = RankEnv(rank, spec.world_size, device, ep_group, cpu_group)
+        payload = {"ok": True, "result": target(env, arg)}
     except Exception as exc:  # reported to the launcher, which fails the run
         payload = {"ok": False, "error": f"{type(exc).__name__}: {exc}",
                    "traceback": traceback.format_exc()}
@@ -181,10 +211,56 @@ def _rank_main(rank: int, args: argparse.Namespace, init_method: str, conn: Conn
         sys.exit(1)
 
 
+@dataclass(frozen=True)
+class _SpawnSpec:
+    world_size: int
+    device: str
+    init_method: str
+    collective_timeout_s: float
+    quiet: bool
+
+
 def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def spawn_ranks(target: RankTarget, arg: object, *, world_size: int, device: str = "cpu",
+                timeout_s: float = 600.0, collective_timeout_s: float = 120.0,
+                quiet: bool = True) -> list:
+    """Run ``target(env, arg)`` in ``world_size`` spawned rank processes; their returns, by rank.
+
+    Each process joins the engine group (:func:`init_rank_groups` on a free 127.0.0.1 port,
+    one GPU per rank for ``device="cuda"``); ``target`` must be importable by name (a
+    module-level function) and return msgpack-able data, which comes back over a pipe as
+    msgpack bytes. ``arg`` reaches the child through multiprocessing's spawn. Raises
+    :class:`DemoFailure` if any rank raises or dies, or ``timeout_s`` seconds pass; no rank
+    process outlives the call.
+    """
+    spec = _SpawnSpec(world_size, device, f"tcp://127.0.0.1:{_free_port()}", collective_timeout_s,
+                      quiet)
+    ctx = multiprocessing.get_context("spawn")
+    procs, readers = [], {}
+    for rank in range(world_size):
+        reader, writer = ctx.Pipe(duplex=False)
+        proc = ctx.Process(target=_rank_entry, args=(rank, spec, target, arg, writer),
+                           name=f"mp-eplb-rank{rank}", daemon=True)
+        proc.start()
+        writer.close()
+        procs.append(proc)
+        readers[reader] = rank
+    results: dict[int, object] = {}
+    errors: dict[int, str] = {}
+    try:
+        results, errors = _collect(procs, readers, time.monotonic() + timeout_s, timeout_s)
+    finally:
+        _stop(procs, _EXIT_TIMEOUT_S if len(results) == len(procs) else 0.0)
+        for reader in readers:
+            reader.close()
+    if errors:
+        raise DemoFailure(errors)
+    return [results[rank] for rank in range(world_size)]
 
 
 def run_ranks(args: argparse.Namespace) -> list[RankResult]:
@@ -192,48 +268,30 @@ def run_ranks(args: argparse.Namespace) -> list[RankResult]:
 
     Raises :class:`ConfigError` for bad options before starting anything, and
     :class:`DemoFailure` if any rank fails or dies, or the run exceeds ``args.timeout``
-    seconds; no rank process outlives the call.
+    seconds.
     """
     config_from_args(args)
     if args.device == "cuda" and torch.cuda.device_count() < args.ranks:
         raise ConfigError(f"--ranks {args.ranks} needs {args.ranks} GPUs, "
                           f"{torch.cuda.device_count()} visible; lower --ranks")
     plain = argparse.Namespace(**{k: v for k, v in vars(args).items() if not callable(v)})
-    init_method = f"tcp://127.0.0.1:{_free_port()}"
-    ctx = multiprocessing.get_context("spawn")
-    procs, readers = [], {}
-    for rank in range(args.ranks):
-        reader, writer = ctx.Pipe(duplex=False)
-        proc = ctx.Process(target=_rank_main, args=(rank, plain, init_method, writer),
-                           name=f"mp-eplb-demo-rank{rank}", daemon=True)
-        proc.start()
-        writer.close()
-        procs.append(proc)
-        readers[reader] = rank
-    results: dict[int, RankResult] = {}
-    errors: dict[int, str] = {}
-    try:
-        results, errors = _collect(procs, readers, time.monotonic() + args.timeout, args.timeout)
-    finally:
-        _stop(procs, _EXIT_TIMEOUT_S if len(results) == len(procs) else 0.0)
-        for reader in readers:
-            reader.close()
-    if errors:
-        raise DemoFailure("; ".join(errors[rank] for rank in sorted(errors)))
-    return [results[rank] for rank in range(args.ranks)]
+    results = spawn_ranks(_demo_rank, plain, world_size=args.ranks, device=args.device,
+                          timeout_s=args.timeout, collective_timeout_s=args.collective_timeout,
+                          quiet=args.quiet)
+    return [RankResult.from_dict(result) for result in results]
 
 
 def _collect(procs: list, readers: dict[Connection, int], deadline: float,
-             timeout_s: float) -> tuple[dict[int, RankResult], dict[int, str]]:
-    results: dict[int, RankResult] = {}
+             timeout_s: float) -> tuple[dict[int, object], dict[int, str]]:
+    results: dict[int, object] = {}
     errors: dict[int, str] = {}
     pending = dict(readers)
     while pending:
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             for rank in sorted(pending.values()):
-                errors.setdefault(rank, f"rank {rank} gave no result within --timeout {timeout_s:g} s"
-                                  if not errors else f"rank {rank} stopped after another rank failed")
+                errors.setdefault(rank, f"gave no result within the timeout ({timeout_s:g} s)"
+                                  if not errors else "stopped after another rank failed")
             break
         for reader in wait(list(pending), timeout=remaining):
             rank = pending.pop(reader)
@@ -241,13 +299,13 @@ def _collect(procs: list, readers: dict[Connection, int], deadline: float,
                 payload = msgpack.unpackb(reader.recv_bytes(), raw=False)
             except EOFError:
                 procs[rank].join(_EXIT_TIMEOUT_S)
-                errors[rank] = f"rank {rank} exited (code {procs[rank].exitcode}) without a result"
+                errors[rank] = f"exited (code {procs[rank].exitcode}) without a result"
                 continue
             if payload["ok"]:
-                results[rank] = RankResult.from_dict(payload["result"])
+                results[rank] = payload["result"]
             else:
                 logger.debug("rank %d failed:\n%s", rank, payload["traceback"])
-                errors[rank] = f"rank {rank}: {payload['error']}"
+                errors[rank] = payload["error"]
         if errors:
             deadline = min(deadline, time.monotonic() + _FAILURE_GRACE_S)
     return results, errors

@@ -276,7 +276,7 @@ class MoEModel:
         max_diff = torch.zeros(cfg.num_layers, dtype=torch.float64)
         for layer in range(cfg.num_layers):
             weights, experts = self.route(x, layer, step)
-            y, load[layer], received[layer] = self._ep_layer(x, layer, weights, experts, log2phy, logcnt)
+            y, load[layer], received[layer] = self.ep_layer(x, layer, weights, experts, log2phy, logcnt)
             if verify:
                 ref = self.dense_layer(x, layer, weights, experts)
                 atol, rtol = _TOLERANCE[cfg.dtype]
@@ -288,9 +288,16 @@ class MoEModel:
             self._agree_verified(step, excess, max_diff)
         return ForwardResult(output=x, load=load, received=received)
 
-    def _ep_layer(self, x: torch.Tensor, layer: int, weights: torch.Tensor, experts: torch.Tensor,
+    def ep_layer(self, x: torch.Tensor, layer: int, weights: torch.Tensor, experts: torch.Tensor,
                   log2phy: torch.Tensor, logcnt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
-        """Dispatch token copies to the ranks owning their physical experts, compute, combine."""
+        """One MoE layer, expert-parallel: ``(y [T, hidden], load [num_physical], received)``.
+
+        Sends each token-expert pair (``weights`` [T, k], logical ``experts`` [T, k] from
+        :meth:`route`) to the rank owning the physical slot ``log2phy`` picks (replica: global
+        token index modulo ``logcnt``), runs the expert there and combines the results with
+        ``weights``. ``load``: this rank's pairs per physical slot; ``received``: pairs this
+        rank's experts computed. A collective over ``ep_group``.
+        """
         cfg, s = self.cfg, self.slots_per_rank
         tokens = x.shape[0]
         # Replica choice: global token index modulo the expert's replica count.
