@@ -16,7 +16,7 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 import torch
 
-from mp_eplb.demo.model import MoEModel, routing_maps, verify_weights
+from mp_eplb.demo.model import MoEModel, routing_maps
 
 __all__ = [
     "Balancer",
@@ -188,7 +188,8 @@ def run_engine(model: MoEModel, balancer: Balancer, *, steps: int, verify: bool 
 
     ``verify``: check every layer's output against the dense reference each step (inside the
     timed step), and the weights of each committed layer against the new ``phy2log`` (after
-    it). The weights of every layer are checked against the final map at the end.
+    it). The weights of every layer are checked against the final map at the end, in any
+    mode (:meth:`MoEModel.check_weights`, agreed by all ranks).
     ``progress_every`` > 0: log one progress line every that many steps.
     Raises :class:`mp_eplb.demo.model.VerificationError` on a mismatch.
     """
@@ -215,14 +216,13 @@ def run_engine(model: MoEModel, balancer: Balancer, *, steps: int, verify: bool 
             layers = [int(layer) for layer in report.committed_layers]
             result.committed.append([step, layers])
             if verify:
-                verify_weights(model.expert_weights, balancer.physical_to_logical_map, cfg=cfg,
-                               rank=model.rank, layers=layers, step=step)
+                model.check_weights(balancer.physical_to_logical_map, layers=layers, step=step)
         if progress_every and (step + 1) % progress_every == 0:
             recent = np.asarray(result.step_latency_s[-progress_every:]) * 1e3
             logger.info("step %d/%d: step p50 %.2f ms, p99 %.2f ms over the last %d steps%s",
                         step + 1, steps, np.percentile(recent, 50), np.percentile(recent, 99),
                         len(recent), ", rebalancing" if report.rebalance_active else "")
-    verify_weights(model.expert_weights, balancer.physical_to_logical_map, cfg=cfg, rank=model.rank)
+    model.check_weights(balancer.physical_to_logical_map)
     return result
 
 

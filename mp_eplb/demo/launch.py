@@ -163,9 +163,9 @@ def init_rank_groups(rank: int, world_size: int, init_method: str, device: torch
         torch.cuda.set_device(device)
         dist.init_process_group("nccl", init_method=init_method, rank=rank, world_size=world_size,
                                 timeout=timeout, device_id=device)
-        return dist.group.WORLD, dist.new_group(backend="gloo", timeout=timeout)
-    dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=world_size,
-                            timeout=timeout)
+    else:
+        dist.init_process_group("gloo", init_method=init_method, rank=rank,
+                                world_size=world_size, timeout=timeout)
     return dist.group.WORLD, dist.new_group(backend="gloo", timeout=timeout)
 
 
@@ -185,32 +185,6 @@ def _demo_rank(env: RankEnv, args: argparse.Namespace) -> dict:
     return result.to_dict()
 
 
-def _rank_entry(rank: int, spec: _SpawnSpec, target: RankTarget, arg: object,
-                conn: Connection) -> None:
-    """Entry point of spawned rank ``rank``: run ``target``, send one msgpack payload on ``conn``."""
-    logging.basicConfig(level=logging.WARNING if spec.quiet else logging.INFO,
-                        format=f"%(asctime)s rank{rank} %(name)s %(levelname)s %(message)s")
-    payload: dict
-    try:
-        device = torch.device(f"cuda:{rank}" if spec.device == "cuda" else "cpu")
-        if device.type == "cpu":
-            torch.set_num_threads(1)  # one core per rank, as a rank has one device
-        ep_group, cpu_group = init_rank_groups(rank, spec.world_size, spec.init_method, device,
-                                               spec.collective_timeout_s)
-        env = RankEnv(rank, spec.world_size, device, ep_group, cpu_group)
-        payload = {"ok": True, "result": target(env, arg)}
-    except Exception as exc:  # reported to the launcher, which fails the run
-        payload = {"ok": False, "error": f"{type(exc).__name__}: {exc}",
-                   "traceback": traceback.format_exc()}
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-    conn.send_bytes(msgpack.packb(payload))
-    conn.close()
-    if not payload["ok"]:
-        sys.exit(1)
-
-
 @dataclass(frozen=True)
 class _SpawnSpec:
     world_size: int
@@ -218,6 +192,33 @@ class _SpawnSpec:
     init_method: str
     collective_timeout_s: float
     quiet: bool
+
+
+def _rank_entry(rank: int, spec: _SpawnSpec, target: RankTarget, arg: object,
+                conn: Connection) -> None:
+    """Entry point of spawned rank ``rank``: run ``target``, send one msgpack payload on ``conn``."""
+    logging.basicConfig(level=logging.WARNING if spec.quiet else logging.INFO,
+                        format=f"%(asctime)s rank{rank} %(name)s %(levelname)s %(message)s")
+    ok = False
+    try:
+        device = torch.device(f"cuda:{rank}" if spec.device == "cuda" else "cpu")
+        if device.type == "cpu":
+            torch.set_num_threads(1)  # one core per rank, as a rank has one device
+        ep_group, cpu_group = init_rank_groups(rank, spec.world_size, spec.init_method, device,
+                                               spec.collective_timeout_s)
+        env = RankEnv(rank, spec.world_size, device, ep_group, cpu_group)
+        payload = msgpack.packb({"ok": True, "result": target(env, arg)})
+        ok = True
+    except Exception as exc:  # reported to the launcher, which fails the run
+        payload = msgpack.packb({"ok": False, "error": f"{type(exc).__name__}: {exc}",
+                                 "traceback": traceback.format_exc()})
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    conn.send_bytes(payload)
+    conn.close()
+    if not ok:
+        sys.exit(1)
 
 
 def _free_port() -> int:

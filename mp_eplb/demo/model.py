@@ -348,6 +348,33 @@ class MoEModel:
             y.index_add_(0, tok, out.float() * weights[tok, k, None])
         return y.to(self.cfg.dtype)
 
+    def check_weights(self, phy2log: torch.Tensor, *, layers: Iterable[int] | None = None,
+                      step: int | None = None) -> None:
+        """:func:`verify_weights` on every rank, agreed over ``cpu_group`` (a collective).
+
+        If any rank's rows differ from ``phy2log``, every rank raises
+        :class:`VerificationError`: the failing rank its own, the others one naming it.
+        """
+        local: VerificationError | None = None
+        try:
+            verify_weights(self.expert_weights, phy2log, cfg=self.cfg, rank=self.rank,
+                           layers=layers, step=step)
+        except VerificationError as exc:
+            local = exc
+        failed_layer = torch.zeros(self.world_size, dtype=torch.int64)  # layer + 1, 0 if fine
+        if local is not None:
+            failed_layer[self.rank] = local.layer + 1
+        dist.all_reduce(failed_layer, group=self.cpu_group)
+        if local is not None:
+            raise local
+        failed = torch.nonzero(failed_layer).flatten().tolist()
+        if failed:
+            rank, layer = failed[0], int(failed_layer[failed[0]]) - 1
+            raise VerificationError(
+                f"layer {layer} on rank {rank}{'' if step is None else f' after step {step}'} "
+                "does not hold the experts phy2log names (see that rank's error)",
+                layer=layer, step=step, rank=rank)
+
     def _agree_verified(self, step: int, excess: torch.Tensor, max_diff: torch.Tensor) -> None:
         table = torch.zeros((self.world_size, 2, self.cfg.num_layers), dtype=torch.float64)
         table[self.rank, 0], table[self.rank, 1] = excess, max_diff

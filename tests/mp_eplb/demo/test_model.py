@@ -5,7 +5,6 @@ ranks routing by different maps."""
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 
 import pytest
 import torch
@@ -27,13 +26,6 @@ from mp_eplb.demo.model import (
 # 8 experts + 4 replicas = 12 slots: 12, 6 or 3 per rank on 1, 2 or 4 ranks.
 CFG = dict(hidden=32, inter=48, num_layers=3, num_experts=8, top_k=2, num_redundant=4,
            tokens_per_rank=16, drift_interval=2)
-ROOT = Path(__file__).resolve().parents[3]
-
-
-@pytest.fixture(autouse=True)
-def _importable_test_module(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Spawned ranks import this module by name: keep the repository root on their sys.path."""
-    monkeypatch.syspath_prepend(str(ROOT))
 
 
 def _model(cfg: MoEConfig, env: RankEnv | None = None) -> MoEModel:
