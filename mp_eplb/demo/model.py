@@ -17,7 +17,6 @@ memory with ``share_memory_()``) between steps: ``forward`` reads them fresh eve
 from __future__ import annotations
 
 import hashlib
-import logging
 import math
 import struct
 from collections.abc import Iterable, Sequence
@@ -42,8 +41,6 @@ __all__ = [
     "routing_maps",
     "verify_weights",
 ]
-
-logger = logging.getLogger(__name__)
 
 # Tags that keep the random streams of different kinds of tensors apart.
 _TAG_EXPERT, _TAG_ROUTER, _TAG_HOTSET, _TAG_TOKENS = 1, 2, 3, 4
@@ -225,6 +222,8 @@ class MoEModel:
         self.initial_phy2log = initial_phy2log(cfg, self.device)
         self.expert_weights = self._place(self.initial_phy2log)
         self.reference = ReferenceExperts(cfg, self.device)
+        self._bias_epoch = -1
+        self._bias: dict[int, torch.Tensor] = {}
 
     def _place(self, phy2log: torch.Tensor) -> list[list[torch.Tensor]]:
         cfg, s = self.cfg, self.slots_per_rank
@@ -246,14 +245,20 @@ class MoEModel:
         return _rms_norm(x).to(cfg.dtype)
 
     def router_bias(self, layer: int, step: int) -> torch.Tensor:
-        """Zipf bias [num_experts] float32: its hot set is redrawn every ``drift_interval`` steps."""
+        """Zipf bias [num_experts] float32: its hot set is redrawn every ``drift_interval`` steps.
+
+        Cached for the current drift epoch (a new epoch replaces the cache).
+        """
         cfg = self.cfg
         epoch = step // cfg.drift_interval
-        gen = torch.Generator(device="cpu")
-        gen.manual_seed(_seed(cfg.seed, _TAG_HOTSET, layer, epoch))
-        popularity = torch.randperm(cfg.num_experts, generator=gen)  # expert -> popularity rank
-        bias = -cfg.zipf * torch.log1p(popularity.to(torch.float32))
-        return bias.to(self.device)
+        if self._bias_epoch != epoch:
+            self._bias_epoch, self._bias = epoch, {}
+        if layer not in self._bias:
+            gen = torch.Generator(device="cpu")
+            gen.manual_seed(_seed(cfg.seed, _TAG_HOTSET, layer, epoch))
+            popularity = torch.randperm(cfg.num_experts, generator=gen)  # expert -> rank
+            self._bias[layer] = (-cfg.zipf * torch.log1p(popularity.to(torch.float32))).to(self.device)
+        return self._bias[layer]
 
     def route(self, x: torch.Tensor, layer: int, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Top-k routing of ``x`` [T, hidden]: ``(weights [T, k] float32, logical ids [T, k] int64)``."""
@@ -289,7 +294,7 @@ class MoEModel:
         return ForwardResult(output=x, load=load, received=received)
 
     def ep_layer(self, x: torch.Tensor, layer: int, weights: torch.Tensor, experts: torch.Tensor,
-                  log2phy: torch.Tensor, logcnt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+                 log2phy: torch.Tensor, logcnt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
         """One MoE layer, expert-parallel: ``(y [T, hidden], load [num_physical], received)``.
 
         Sends each token-expert pair (``weights`` [T, k], logical ``experts`` [T, k] from
