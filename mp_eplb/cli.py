@@ -7,6 +7,7 @@ import logging
 from collections.abc import Sequence
 
 from mp_eplb import __version__
+from mp_eplb.demo.launch import add_demo_arguments, run_demo
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -17,7 +18,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"mp-eplb {__version__}")
     parser.add_argument("-v", "--verbose", action="count", default=0,
                         help="more logging (-v info, -vv debug)")
-    parser.add_subparsers(dest="command", metavar="COMMAND")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    demo = commands.add_parser(
+        "demo", help="run the demo MoE engine with EPLB (CPU/gloo by default)",
+        description="Start N rank processes of a small MoE engine with real expert "
+                    "parallelism; rebalance while decoding and report what moved.")
+    add_demo_arguments(demo)
+    demo.set_defaults(func=run_demo)
     return parser
 
 

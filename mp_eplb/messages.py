@@ -122,7 +122,8 @@ class Plan:
 class LayerReady:
     """Plan entry ``index`` (layer ``layer``) is complete in staging buffer ``slot``.
 
-    ``metadata`` is ``TransferMetadata.to_wire()`` of the layer.
+    ``metadata`` is ``TransferMetadata.to_wire()`` of the layer; ``sent_at`` the sender's
+    ``time.monotonic()`` (system-wide on Linux, so the engine can time delivery).
     """
 
     rebalance_id: int
@@ -130,6 +131,7 @@ class LayerReady:
     layer: int
     slot: int
     metadata: dict[str, Any]
+    sent_at: float
 
 
 @message("eplb.free")

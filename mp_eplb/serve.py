@@ -178,7 +178,7 @@ def _rebalance(worker: TransferWorker, inbox: _Inbox, events: StreamEvents, msg:
         events.wait_free(slot, worker.stream)
         metadata = worker.stage(plan, layer, slot)
         inbox.link.send(LayerReady(rebalance_id=rid, index=index, layer=layer, slot=slot,
-                                   metadata=metadata.to_wire()))
+                                   metadata=metadata.to_wire(), sent_at=time.monotonic()))
         staged += 1
     inbox.link.send(RebalanceDone(rebalance_id=rid, layers_staged=staged,
                                   bytes_staged=plan.bytes_staged,

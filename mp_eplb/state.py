@@ -54,7 +54,10 @@ class StepReport:
 
 @dataclass
 class RebalanceRecord:
-    """History of one rebalance (times in seconds, ``perf_counter`` clock)."""
+    """History of one rebalance (times in seconds; ``started_at``/``ended_at`` on the
+    ``perf_counter`` clock). Per committed layer: ``commit_s`` (host time of
+    ``move_from_buffer`` + maps), ``commit_steps``; per step in flight: ``agreement_s``; per
+    staged layer: ``ready_latency_s`` (worker send -> engine receipt)."""
 
     rebalance_id: int
     start_step: int
@@ -66,6 +69,7 @@ class RebalanceRecord:
     commit_steps: list[int] = field(default_factory=list)
     commit_s: list[float] = field(default_factory=list)
     agreement_s: list[float] = field(default_factory=list)
+    ready_latency_s: list[float] = field(default_factory=list)
     policy_s: float | None = None
     bytes_staged: int | None = None
     stage_s: float | None = None
@@ -431,6 +435,7 @@ class EplbState:
             return
         flight.ready.append(msg)
         flight.last_progress = time.monotonic()
+        flight.record.ready_latency_s.append(flight.last_progress - msg.sent_at)
 
     def _check_worker(self, flight: _InFlight) -> None:
         if flight.failure:

@@ -26,6 +26,8 @@ import msgpack
 import torch
 import torch.distributed as dist
 
+from mp_eplb.config import COMMUNICATORS, EplbConfig
+from mp_eplb.state import EplbState
 from mp_eplb.demo.engine import Balancer, RankResult, StaticBalancer, run_engine, summarize
 from mp_eplb.demo.model import ConfigError, MoEConfig, MoEModel
 
@@ -45,7 +47,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-MODES = ("none",)
+MODES = ("process", "thread", "sync", "none")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 #: Seconds the other ranks get to report their own error after one rank failed.
 _FAILURE_GRACE_S = 10.0
@@ -102,8 +104,17 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--seed", type=int, default=0, help="seed of weights, tokens and routing")
     run.add_argument("--verify", action="store_true",
                      help="check every layer's output against a dense reference at every step")
-    run.add_argument("--mode", choices=MODES, default="none",
-                     help="load balancer: none = EPLB off (fixed placement)")
+    run.add_argument("--mode", choices=MODES, default="process",
+                     help="EPLB mode: process (transfer subprocess per rank, default), thread "
+                          "(vLLM-style transfer thread), sync (one blocking rearrangement), "
+                          "none (EPLB off)")
+    run.add_argument("--communicator", choices=COMMUNICATORS, default="auto",
+                     help="how weights move: auto (cuda_ipc on GPUs, gloo on CPU), cuda_ipc, "
+                          "nccl, gloo")
+    run.add_argument("--window", type=int, default=0,
+                     help="steps of load the policy reads (default: the rebalance interval)")
+    run.add_argument("--layers-per-step", type=int, default=1,
+                     help="layers switched per step at most (default 1)")
     run.add_argument("--rebalance-interval", type=int, default=100,
                      help="steps between rebalances (default 100)")
     run.add_argument("--quiet", action="store_true", help="no progress lines")
@@ -148,7 +159,18 @@ def make_balancer(args: argparse.Namespace, ctx: RankContext) -> Balancer:
     """The balancer of ``args.mode`` for this rank (the one place modes are built)."""
     if args.mode == "none":
         return StaticBalancer.for_model(ctx.model)
-    raise ConfigError(f"--mode {args.mode!r} is not one of {MODES}")
+    if args.mode not in MODES:
+        raise ConfigError(f"--mode {args.mode!r} is not one of {MODES}")
+    cfg = ctx.model.cfg
+    config = EplbConfig(mode=args.mode, communicator=args.communicator,
+                        window_size=args.window or args.rebalance_interval,
+                        step_interval=args.rebalance_interval,
+                        num_redundant_experts=cfg.num_redundant,
+                        layers_per_step=args.layers_per_step)
+    return EplbState(ctx.model.expert_weights, rank=ctx.env.rank,
+                     world_size=ctx.env.world_size, num_logical_experts=cfg.num_experts,
+                     config=config, cpu_group=ctx.env.cpu_group, ep_group=ctx.env.ep_group,
+                     initial_phy2log=ctx.model.initial_phy2log.cpu().numpy())
 
 
 def init_rank_groups(rank: int, world_size: int, init_method: str, device: torch.device,
