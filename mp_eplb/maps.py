@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import numpy as np
-
-__all__ = ["RoutingMaps", "maps_from_phy2log", "validate_phy2log"]
-
 from dataclasses import dataclass
 
+import numpy as np
+
+__all__ = ["RoutingMaps", "maps_from_phy2log", "validate_phy2log", "occurrence"]
 
 @dataclass(frozen=True)
 class RoutingMaps:
@@ -49,6 +48,20 @@ def validate_phy2log(phy2log: np.ndarray, num_logical: int, name: str = "phy2log
     return arr
 
 
+def occurrence(x: np.ndarray) -> np.ndarray:
+    """For each entry of ``x`` (int, any leading dims), how many equal entries precede it in
+    its row."""
+    order = np.argsort(x, axis=-1, kind="stable")
+    xs = np.take_along_axis(x, order, -1)
+    idx = np.broadcast_to(np.arange(x.shape[-1]), x.shape)
+    run_start = np.ones(x.shape, dtype=bool)
+    run_start[..., 1:] = xs[..., 1:] != xs[..., :-1]
+    first = np.maximum.accumulate(np.where(run_start, idx, 0), axis=-1)
+    occ = np.empty_like(x)
+    np.put_along_axis(occ, order, idx - first, -1)
+    return occ
+
+
 def maps_from_phy2log(phy2log: np.ndarray, num_logical: int,
                       max_replicas: int | None = None) -> RoutingMaps:
     """Build ``log2phy`` and ``logcnt`` from a valid ``phy2log``.
@@ -58,25 +71,16 @@ def maps_from_phy2log(phy2log: np.ndarray, num_logical: int,
     """
     p2l = validate_phy2log(phy2log, num_logical)
     layers, num_phy = p2l.shape
+    rows = np.broadcast_to(np.arange(layers)[:, None], p2l.shape)
     valid = p2l >= 0
-    logcnt = np.zeros((layers, num_logical), dtype=np.int64)
-    rows = np.repeat(np.arange(layers), num_phy).reshape(layers, num_phy)
-    np.add.at(logcnt, (rows[valid], p2l[valid]), 1)
-    width = int(logcnt.max()) if max_replicas is None else max_replicas
-    if logcnt.max() > width:
-        raise ValueError(f"an expert has {int(logcnt.max())} replicas but max_replicas={width}; "
-                         "raise max_replicas (num_redundant_experts + 1)")
-    # Rank of each slot among the slots of its expert: stable sort by (layer, expert, slot).
-    key = np.where(valid, p2l, num_logical)
-    order = np.argsort(key, axis=1, kind="stable")
-    sorted_ids = np.take_along_axis(key, order, axis=1)
-    first = np.zeros_like(sorted_ids)
-    starts = np.concatenate([np.zeros((layers, 1), dtype=np.int64),
-                             np.cumsum(logcnt, axis=1)[:, :-1]], axis=1)
-    first[sorted_ids < num_logical] = np.take_along_axis(
-        starts, np.minimum(sorted_ids, num_logical - 1), axis=1)[sorted_ids < num_logical]
-    replica = np.arange(num_phy)[None, :] - first
-    log2phy = np.full((layers, num_logical, max(width, 1)), -1, dtype=np.int64)
-    keep = sorted_ids < num_logical
-    log2phy[rows[keep], sorted_ids[keep], replica[keep]] = order[keep]
+    logcnt = np.bincount((rows * num_logical + p2l)[valid],
+                         minlength=layers * num_logical).reshape(layers, num_logical)
+    most = int(logcnt.max())
+    width = most if max_replicas is None else max_replicas
+    if most > width:
+        raise ValueError(f"an expert has {most} replicas but max_replicas={width}; raise "
+                         "max_replicas (num_redundant_experts + 1)")
+    log2phy = np.full((layers, num_logical, width), -1, dtype=np.int64)
+    slots = np.broadcast_to(np.arange(num_phy), p2l.shape)
+    log2phy[rows[valid], p2l[valid], occurrence(p2l)[valid]] = slots[valid]
     return RoutingMaps(phy2log=p2l, log2phy=log2phy, logcnt=logcnt)

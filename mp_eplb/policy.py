@@ -24,6 +24,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from mp_eplb.maps import maps_from_phy2log, occurrence
+
 __all__ = ["PlacementLayout", "balancedness", "rebalance_experts"]
 
 logger = logging.getLogger(__name__)
@@ -141,19 +143,6 @@ def _layout(num_layers: int, num_experts: int, num_replicas: Any, num_groups: An
 
 
 # ----------------------------------------------------------------------------- small kernels
-
-def _occurrence(x: np.ndarray) -> np.ndarray:
-    """For each entry of ``x`` (int, any leading dims), how many equal entries precede it in its row."""
-    order = np.argsort(x, axis=-1, kind="stable")
-    xs = np.take_along_axis(x, order, -1)
-    idx = np.broadcast_to(np.arange(x.shape[-1]), x.shape)
-    run_start = np.ones(x.shape, dtype=bool)
-    run_start[..., 1:] = xs[..., 1:] != xs[..., :-1]
-    first = np.maximum.accumulate(np.where(run_start, idx, 0), axis=-1)
-    occ = np.empty_like(x)
-    np.put_along_axis(occ, order, idx - first, -1)
-    return occ
-
 
 def _balanced_packing(w: np.ndarray, num_packs: int) -> np.ndarray:
     """Pack each row's items into ``num_packs`` packs of equal item count, balancing the weight.
@@ -345,7 +334,7 @@ def _copy_keys(x: np.ndarray, scope: np.ndarray, num_experts: int) -> np.ndarray
     (or rank) the entry belongs to. Keys are unique within a row and ordered by scope.
     """
     k = x.shape[-1]
-    return ((scope * num_experts + x) * k + _occurrence(x)).ravel()
+    return ((scope * num_experts + x) * k + occurrence(x)).ravel()
 
 
 def _rank_overlap(packs: np.ndarray, old: np.ndarray, num_experts: int) -> np.ndarray:
@@ -424,14 +413,6 @@ def _keep_slots(packs: np.ndarray, old: np.ndarray, num_experts: int) -> np.ndar
     return out.reshape(packs.shape)
 
 
-def _log2phy(phy2log: np.ndarray, count: np.ndarray, width: int) -> np.ndarray:
-    """[layers, experts, width] slot ids of each expert in slot order, padded with -1."""
-    layers, slots = phy2log.shape
-    out = np.full((layers, count.shape[1], width), -1, dtype=np.int64)
-    out[np.arange(layers)[:, None], phy2log, _occurrence(phy2log)] = np.arange(slots)
-    return out
-
-
 def rebalance_experts(
     weight: torch.Tensor | np.ndarray,
     num_replicas: int,
@@ -485,10 +466,9 @@ def rebalance_experts(
         logger.debug("placement-aware: %d of %d slots keep their expert",
                      int((phy2log == old).sum()), phy2log.size)
 
-    count = np.bincount((np.arange(layers)[:, None] * experts + phy2log).ravel(), minlength=layers * experts)
-    count = count.reshape(layers, experts)
-    log2phy = _log2phy(phy2log, count, int(count.max()) if max_replicas is None else max_replicas)
-    return torch.from_numpy(phy2log), torch.from_numpy(log2phy), torch.from_numpy(count)
+    maps = maps_from_phy2log(phy2log, experts, max_replicas)
+    return (torch.from_numpy(maps.phy2log), torch.from_numpy(maps.log2phy),
+            torch.from_numpy(maps.logcnt))
 
 
 def balancedness(weight: torch.Tensor | np.ndarray, phy2log: torch.Tensor | np.ndarray,
