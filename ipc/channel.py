@@ -89,6 +89,16 @@ def _private_ipc_endpoint() -> tuple[str, str]:
                    "short directory or bind to 'tcp'")
 
 
+def _release(socket: zmq.Socket, context: zmq.Context, socket_path: str | None,
+             directory: str | None) -> None:
+    """Close the socket before terminating its context (``term`` waits for every socket of
+    the context, so a garbage-collected context with an open socket would block forever),
+    then remove the socket file and private directory."""
+    socket.close(linger=0)
+    context.term()
+    _remove_paths(socket_path, directory)
+
+
 def _remove_paths(socket_path: str | None, directory: str | None) -> None:
     if socket_path is not None:
         try:
@@ -130,7 +140,7 @@ class Channel:
         self._codec = codec
         self._is_parent = codec.role == "parent"
         self.endpoint = endpoint
-        self._cleanup = weakref.finalize(self, _remove_paths, socket_path, directory)
+        self._cleanup = weakref.finalize(self, _release, socket, context, socket_path, directory)
         self._peer: bytes | None = None
         self._send_seq = 0
         self._last_seq = 0
@@ -370,7 +380,6 @@ class Channel:
             return
         self._closed = True
         self._socket.close(linger=max(0, int(linger_ms)))
-        self._context.term()
         self._cleanup()
 
     def __enter__(self) -> Channel:

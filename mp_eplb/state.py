@@ -115,6 +115,10 @@ class EplbState:
         if world_size > 1 and cpu_group is None:
             raise ValueError("cpu_group (a gloo group over the engine's ranks) is required "
                              "when world_size > 1")
+        if self.config.mode != "process" and (ep_group or cpu_group) is None:
+            raise ValueError(f"EplbConfig.mode={self.config.mode!r} moves weights in this "
+                             "process and needs ep_group or cpu_group (a process group over the "
+                             "engine's ranks), also for one rank; mode 'process' needs none")
         self.rank, self.world_size = rank, world_size
         self.num_logical = num_logical_experts
         self.num_groups = num_groups
