@@ -18,6 +18,7 @@ import torch
 
 from ipc.errors import IpcTimeoutError
 from ipc.schema import Shutdown
+from mp_eplb.failpoints import failpoint
 from mp_eplb.messages import (Abort, BufferFree, LayerReady, Plan, Rebalance, RebalanceDone,
                               pack_int64, unpack_int64)
 from mp_eplb.worker import TransferWorker
@@ -179,6 +180,7 @@ def _rebalance(worker: TransferWorker, inbox: _Inbox, events: StreamEvents, msg:
         metadata = worker.stage(plan, layer, slot)
         inbox.link.send(LayerReady(rebalance_id=rid, index=index, layer=layer, slot=slot,
                                    metadata=metadata.to_wire(), sent_at=time.monotonic()))
+        failpoint("ready", rid)
         staged += 1
     inbox.link.send(RebalanceDone(rebalance_id=rid, layers_staged=staged,
                                   bytes_staged=plan.bytes_staged,

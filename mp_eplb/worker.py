@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 
 from mp_eplb.communicator import EplbCommunicator, make_communicator
+from mp_eplb.failpoints import failpoint
 from mp_eplb.peer_pull import CudaIpcPullCommunicator
 from mp_eplb.maps import RoutingMaps, maps_from_phy2log
 from mp_eplb.messages import WorkerTopology
@@ -102,12 +103,14 @@ class TransferWorker:
         """Aggregate the load window over all ranks, run the policy on the first worker and
         share its result, so every rank gets the identical plan."""
         topo = self.topology
+        failpoint("plan", rebalance_id)
         if self.stream is not None:
             with torch.cuda.stream(self.stream):
                 local = self.load_window.sum(dim=0).cpu()
         else:
             local = self.load_window.sum(dim=0)
         load = self._all_reduce(local.to(torch.int64).clone(), dist.ReduceOp.SUM)
+        failpoint("policy", rebalance_id)
         started = time.perf_counter()
         num_phy = old_phy2log.shape[1]
         if topo.rank == 0:
@@ -136,6 +139,7 @@ class TransferWorker:
         so the engine may read it and peers may overwrite the rows this rank read from them
         once every rank reports the layer ready.
         """
+        failpoint("stage", plan.rebalance_id)
         started = time.perf_counter()
         self.communicator.set_stream(self.stream)
         metadata = move_to_buffer(

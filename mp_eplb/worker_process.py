@@ -28,6 +28,7 @@ from ipc.errors import IpcError
 from ipc.events import SharedEvent
 from ipc.schema import Goodbye, Hello
 from mp_eplb.backends import ENDPOINT_ENV, PARENT_PID_ENV, START_TIMEOUT_ENV
+from mp_eplb.failpoints import arm_from_env, failpoint
 from mp_eplb.messages import PROTOCOL_VERSION, Setup, SetupDone, WorkerError
 from mp_eplb.serve import StreamEvents, serve
 from mp_eplb.worker import build_worker
@@ -86,6 +87,7 @@ def main() -> int:
                         format="%(asctime)s worker[%(process)d] %(name)s %(levelname)s "
                                "%(message)s")
     _watch_parent(int(os.environ[PARENT_PID_ENV]))
+    arm_from_env()
     channel = Channel.connect(os.environ[ENDPOINT_ENV], key_from_env())
     rebalance_id = -1
     try:
@@ -93,6 +95,7 @@ def main() -> int:
         setup = channel.recv(timeout=float(os.environ[START_TIMEOUT_ENV]))
         if not isinstance(setup, Setup):
             raise TypeError(f"expected Setup first, got {type(setup).__name__}")
+        failpoint("setup")
         worker, events, progress = _open_setup(setup)
         channel.send(SetupDone(pid=os.getpid()))
         serve(worker, channel, events, num_slots=len(setup.buffers),
