@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import logging
 import multiprocessing
+import os
 import socket
 import sys
 import time
@@ -26,9 +27,11 @@ import msgpack
 import torch
 import torch.distributed as dist
 
+from ipc.handles import SEGMENT_PREFIX, SHM_DIR
 from mp_eplb.config import COMMUNICATORS, EplbConfig
 from mp_eplb.state import EplbState
-from mp_eplb.demo.engine import Balancer, RankResult, StaticBalancer, run_engine, summarize
+from mp_eplb.demo.engine import (Balancer, DriftingModel, RankResult, StaticBalancer,
+                                 format_report, rebalance_report, run_engine, summarize)
 from mp_eplb.demo.model import ConfigError, MoEConfig, MoEModel
 
 __all__ = [
@@ -37,6 +40,9 @@ __all__ = [
     "RankEnv",
     "RankTarget",
     "add_demo_arguments",
+    "add_model_arguments",
+    "add_schedule_arguments",
+    "build_model",
     "config_from_args",
     "init_rank_groups",
     "make_balancer",
@@ -100,7 +106,7 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--ranks", type=int, default=2, help="rank processes (default 2)")
     run.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                      help="cpu (gloo) or cuda (NCCL, one GPU per rank)")
-    run.add_argument("--steps", type=int, default=300, help="decode steps (default 300)")
+    run.add_argument("--steps", type=int, default=430, help="decode steps (default 430)")
     run.add_argument("--seed", type=int, default=0, help="seed of weights, tokens and routing")
     run.add_argument("--verify", action="store_true",
                      help="check every layer's output against a dense reference at every step")
@@ -111,12 +117,6 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--communicator", choices=COMMUNICATORS, default="auto",
                      help="how weights move: auto (cuda_ipc on GPUs, gloo on CPU), cuda_ipc, "
                           "nccl, gloo")
-    run.add_argument("--window", type=int, default=0,
-                     help="steps of load the policy reads (default: the rebalance interval)")
-    run.add_argument("--layers-per-step", type=int, default=1,
-                     help="layers switched per step at most (default 1)")
-    run.add_argument("--rebalance-interval", type=int, default=100,
-                     help="steps between rebalances (default 100)")
     run.add_argument("--quiet", action="store_true", help="no progress lines")
     run.add_argument("--progress-every", type=int, default=0,
                      help="steps between progress lines (default: steps / 10)")
@@ -124,22 +124,50 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
                      help="seconds the whole run may take before it is stopped (default 600)")
     run.add_argument("--collective-timeout", type=float, default=120.0,
                      help="seconds one collective of the engine group may wait (default 120)")
+    add_schedule_arguments(parser, rebalance_interval=50)
+    add_model_arguments(parser, MoEConfig(drift_interval=175))
+
+
+def add_schedule_arguments(parser: argparse.ArgumentParser, *,
+                           rebalance_interval: int | None) -> None:
+    """``--window``, ``--layers-per-step``, ``--rebalance-interval`` (``None``: no default)."""
+    group = parser.add_argument_group("rebalancing")
+    group.add_argument("--window", type=int, default=0,
+                       help="steps of load the policy reads (default: the rebalance interval)")
+    group.add_argument("--layers-per-step", type=int, default=1,
+                       help="layers switched per step at most (default 1)")
+    group.add_argument("--rebalance-interval", type=int, default=rebalance_interval,
+                       help="steps between rebalances (default %(default)s)")
+
+
+def add_model_arguments(parser: argparse.ArgumentParser, default: MoEConfig | None) -> None:
+    """The model's shape and workload options; ``default`` ``None``: every default is ``None``
+    (the caller fills them, e.g. from a per-device preset)."""
     model = parser.add_argument_group("model")
-    default = MoEConfig()
-    for flag, value, text in (
-            ("--layers", default.num_layers, "MoE layers"),
-            ("--experts", default.num_experts, "logical experts per layer"),
-            ("--redundant", default.num_redundant, "redundant physical slots per layer"),
-            ("--hidden", default.hidden, "hidden size"),
-            ("--inter", default.inter, "expert intermediate size"),
-            ("--top-k", default.top_k, "experts per token"),
-            ("--tokens", default.tokens_per_rank, "tokens per rank per step"),
-            ("--drift-interval", default.drift_interval,
+    base = default or MoEConfig()
+    for flag, name, text in (
+            ("--layers", "num_layers", "MoE layers"),
+            ("--experts", "num_experts", "logical experts per layer"),
+            ("--redundant", "num_redundant", "redundant physical slots per layer"),
+            ("--hidden", "hidden", "hidden size"),
+            ("--inter", "inter", "expert intermediate size"),
+            ("--top-k", "top_k", "experts per token"),
+            ("--tokens", "tokens_per_rank", "tokens per rank per step"),
+            ("--drift-interval", "drift_interval",
              "steps between changes of each layer's hot experts")):
-        model.add_argument(flag, type=int, default=value, help=f"{text} (default %(default)s)")
-    model.add_argument("--zipf", type=float, default=default.zipf,
-                       help="routing skew: Zipf exponent of the router bias (default %(default)s)")
-    model.add_argument("--dtype", choices=tuple(_DTYPES), default="float32",
+        model.add_argument(flag, type=int, default=getattr(default, name, None),
+                           help=f"{text} (default {getattr(base, name) if default else 'preset'})")
+    model.add_argument("--zipf", type=float, default=getattr(default, "zipf", None),
+                       help="routing skew: Zipf exponent of the router bias "
+                            f"(default {base.zipf if default else 'preset'})")
+    model.add_argument("--drift-swaps", type=int, default=0 if default else None,
+                       help="drift amount: expert pairs whose popularity swaps at each drift "
+                            "(0: the hot set is redrawn whole; default "
+                            f"{0 if default else 'preset'})")
+    model.add_argument("--token-period", type=int, default=0 if default else None,
+                       help="steps after which the decode batches repeat, so loads repeat "
+                            f"(0: never; default {0 if default else 'preset'})")
+    model.add_argument("--dtype", choices=tuple(_DTYPES), default="float32" if default else None,
                        help="weight dtype (bfloat16 with --device cuda)")
 
 
@@ -191,11 +219,75 @@ def init_rank_groups(rank: int, world_size: int, init_method: str, device: torch
     return dist.group.WORLD, dist.new_group(backend="gloo", timeout=timeout)
 
 
+def build_model(args: argparse.Namespace, env: RankEnv) -> DriftingModel:
+    """This rank's shard of the model ``args`` describe (with its drift workload)."""
+    return DriftingModel(config_from_args(args), drift_swaps=args.drift_swaps,
+                         token_period=args.token_period, rank=env.rank,
+                         world_size=env.world_size, device=env.device, ep_group=env.ep_group,
+                         cpu_group=env.cpu_group)
+
+
+def _rss_bytes(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _shm_bytes(pid: int) -> int:
+    """Bytes of the shared-memory segments ``pid`` owns (``ipc.handles`` names)."""
+    prefix, total = f"{SEGMENT_PREFIX}{pid}_", 0
+    with os.scandir(SHM_DIR) as entries:
+        for entry in entries:
+            if entry.name.startswith(prefix):
+                try:
+                    total += entry.stat().st_size
+                except FileNotFoundError:
+                    pass
+    return total
+
+
+def _memory(device: torch.device) -> dict[str, int | None]:
+    snap: dict[str, int | None] = {"rss": _rss_bytes(os.getpid()), "shm": _shm_bytes(os.getpid()),
+                                   "gpu_free": None}
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+        snap["gpu_free"] = torch.cuda.mem_get_info(device)[0]
+    return snap
+
+
+def _measured_balancer(args: argparse.Namespace, ctx: RankContext) -> tuple[Balancer, dict]:
+    """:func:`make_balancer`, with what its construction cost this rank: seconds
+    (``balancer_init_s``, ``worker_start_s``: the transfer subprocess's handshake), extra
+    device memory (device-wide free memory before minus after, all ranks built), extra RSS
+    of this process, bytes of shared-memory segments it owns, and the worker's RSS."""
+    before = _memory(ctx.env.device)
+    start = time.perf_counter()
+    balancer = make_balancer(args, ctx)
+    init_s = time.perf_counter() - start
+    dist.barrier(group=ctx.env.cpu_group)
+    after = _memory(ctx.env.device)
+    backend = getattr(balancer, "_backend", None)  # EplbState's worker backend (process/thread)
+    proc = getattr(backend, "proc", None)
+    setup = {
+        "balancer_init_s": init_s,
+        "worker_start_s": getattr(backend, "start_s", None),
+        "gpu_extra_bytes": (None if before["gpu_free"] is None
+                            else before["gpu_free"] - after["gpu_free"]),
+        "rss_extra_bytes": (None if before["rss"] is None or after["rss"] is None
+                            else after["rss"] - before["rss"]),
+        "shm_bytes": after["shm"] - before["shm"],
+        "worker_rss_bytes": None if proc is None else _rss_bytes(proc.pid),
+    }
+    return balancer, setup
+
+
 def _demo_rank(env: RankEnv, args: argparse.Namespace) -> dict:
     """One rank of the demo: build the model and balancer, decode, return the RankResult."""
-    model = MoEModel(config_from_args(args), rank=env.rank, world_size=env.world_size,
-                     device=env.device, ep_group=env.ep_group, cpu_group=env.cpu_group)
-    balancer = make_balancer(args, RankContext(env, model))
+    model = build_model(args, env)
+    balancer, setup = _measured_balancer(args, RankContext(env, model))
     progress = 0
     if env.rank == 0 and not args.quiet:
         progress = args.progress_every or max(1, args.steps // 10)
@@ -204,6 +296,7 @@ def _demo_rank(env: RankEnv, args: argparse.Namespace) -> dict:
                             progress_every=progress)
     finally:
         balancer.shutdown()
+    result.setup = setup
     return result.to_dict()
 
 
@@ -349,11 +442,16 @@ def _stop(procs: list, join_s: float) -> None:
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    """``mp-eplb demo``: run, print the summary; 0 on success, 1 on any failure."""
+    """``mp-eplb demo``: run, print a report per rebalance and the summary; 0 on success, 1 on
+    any failure (a weight mismatch on any rank included)."""
     try:
         results = run_ranks(args)
     except (ConfigError, DemoFailure) as exc:
         print(f"mp-eplb demo failed: {exc}", file=sys.stderr)
         return 1
-    print(summarize(results).describe())
+    cfg = config_from_args(args)
+    window = max(1, min(args.window or args.rebalance_interval, args.rebalance_interval // 2))
+    report = rebalance_report(results, expert_bytes=cfg.expert_bytes(), window=window)
+    print(format_report(report, summarize(results)))
+    print(f"weights verified against the final maps on all {args.ranks} ranks")
     return 0
