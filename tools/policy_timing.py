@@ -1,14 +1,22 @@
 """Time ``mp_eplb.rebalance_experts`` and measure what placement awareness saves.
 
-Prints, for one shape (default DeepSeek-V3: 58 layers, 256 experts, 288 replicas, 8
-groups, 4 nodes, 32 ranks), on one CPU thread:
-- the median time of the policy without and with ``old_phy2log``;
-- over drifting Zipf-skewed load windows, per rebalance: slots that change expert, and
-  of those the slots whose expert the rank did not hold before (they must be received
-  from another rank; GiB at ``--expert-mib`` per expert), with and without awareness;
-- balancedness (mean / max tokens per rank) both ways (identical by construction).
+For the DeepSeek-V3 shape (58 layers, 256 experts, 288 replicas, 32 ranks) on one node
+(1 group: global policy) and on 4 nodes (8 groups: hierarchical policy), one CPU thread,
+over drifting Zipf-skewed load windows at a small and a large drift, it prints per
+rebalance and per mode:
+- the median time of one call (wall, and CPU time of this process);
+- slots that change expert, and of those the slots whose expert the rank did not hold
+  before (received from another rank; GiB at ``--expert-mib`` per expert);
+- balancedness (mean / max tokens per rank): mean over layers and windows, and the worst
+  layer's balancedness minus the unaware result's (>= 0, or float rounding of ~1e-16: never
+  less balanced).
 
-Usage: python tools/policy_timing.py [--groups 1 for the global policy] [--help]
+Modes: ``unaware`` (no ``old_phy2log``: DeepSeek), ``relabel`` (``keep_packs=True``:
+DeepSeek's packs relabelled onto the old placement), ``repair`` (default placement-aware:
+relabelled or locally repaired, whichever changes fewer slots). Each mode follows its own
+chain of placements from the same first one.
+
+Usage: python tools/policy_timing.py [--topology 1x1 8x4] [--drift 0.05 0.3] [--help]
 """
 
 from __future__ import annotations
@@ -16,7 +24,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -25,11 +33,14 @@ from mp_eplb.policy import balancedness, rebalance_experts
 
 __all__ = ["drifting_zipf_loads", "main", "moved_slots"]
 
+MODES = ("unaware", "relabel", "repair")
+
 
 def drifting_zipf_loads(layers: int, experts: int, windows: int, *, exponent: float, drift: float,
                         tokens: int, seed: int) -> list[np.ndarray]:
     """Token counts [layers, experts] per window: Zipf popularity over a random expert order
-    per layer, whose log-popularity takes a Gaussian random-walk step of ``drift`` per window."""
+    per layer, whose log-popularity takes a Gaussian random-walk step of ``drift`` per window
+    (0.05: about 5% multiplicative change per expert per window)."""
     rng = np.random.default_rng(seed)
     log_pop = -exponent * np.log(np.argsort(rng.random((layers, experts)), 1) + 1.0)
     loads = []
@@ -51,13 +62,46 @@ def moved_slots(old: torch.Tensor, new: torch.Tensor, num_ranks: int) -> tuple[i
     return int(changed.sum()), int((changed & ~held).sum())
 
 
-def _median_ms(fn: Callable[[], object], runs: int) -> float:
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return 1e3 * statistics.median(times)
+def _timed(fn, *args, **kwargs) -> tuple[torch.Tensor, float, float]:
+    """(phy2log from ``fn``, wall seconds, CPU seconds of this process)."""
+    wall, cpu = time.perf_counter(), time.process_time()
+    phy2log = fn(*args, **kwargs)[0]
+    return phy2log, time.perf_counter() - wall, time.process_time() - cpu
+
+
+def _run_windows(loads: list[np.ndarray], shape: tuple[int, ...], num_ranks: int) -> dict[str, dict[str, list]]:
+    """Per mode: per-window moves (changed, received), balancedness [layers], wall and CPU s."""
+    first = rebalance_experts(loads[0], *shape)[0]
+    prev = dict.fromkeys(MODES, first)
+    stats: dict[str, dict[str, list]] = {m: {"moves": [], "balance": [], "wall": [], "cpu": []} for m in MODES}
+    for w in loads[1:]:
+        now = {}
+        for mode in MODES:
+            kwargs = {} if mode == "unaware" else {"old_phy2log": prev[mode], "keep_packs": mode == "relabel"}
+            now[mode], wall, cpu = _timed(rebalance_experts, w, *shape, **kwargs)
+            stats[mode]["moves"].append(moved_slots(prev[mode], now[mode], num_ranks))
+            stats[mode]["balance"].append(balancedness(w, now[mode], num_ranks))
+            stats[mode]["wall"].append(wall)
+            stats[mode]["cpu"].append(cpu)
+        prev = now
+    return stats
+
+
+def _report(stats: dict[str, dict[str, list]], total_slots: int, gib_per_expert: float) -> None:
+    base = np.array(stats["unaware"]["moves"], dtype=np.float64).mean(0)
+    base_balance = np.stack(stats["unaware"]["balance"])
+    print(f"  {'mode':<8} | {'ms wall':>7} {'ms CPU':>6} | {'changed':>7} {'% unaware':>9} | {'received':>8} "
+          f"{'GiB':>6} | {'balancedness':>12} {'worst margin':>12}")
+    for mode in MODES:
+        s = stats[mode]
+        changed, received = np.array(s["moves"], dtype=np.float64).mean(0)
+        balance = np.stack(s["balance"])
+        margin = (balance - base_balance).min()
+        print(f"  {mode:<8} | {1e3 * statistics.median(s['wall']):>7.1f} {1e3 * statistics.median(s['cpu']):>6.1f} "
+              f"| {changed:>7.0f} {100 * changed / max(base[0], 1):>8.1f}% | {received:>8.0f} "
+              f"{received * gib_per_expert:>6.1f} | {balance.mean():>12.4f} {margin:>+12.1e}")
+    print(f"  (per rebalance, mean of {len(stats['unaware']['moves'])} windows, of {total_slots} slots; "
+          f"times: median per call)")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -65,51 +109,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--layers", type=int, default=58)
     parser.add_argument("--experts", type=int, default=256)
     parser.add_argument("--replicas", type=int, default=288)
-    parser.add_argument("--groups", type=int, default=8, help="groups %% nodes != 0 selects the global policy")
-    parser.add_argument("--nodes", type=int, default=4)
     parser.add_argument("--ranks", type=int, default=32)
-    parser.add_argument("--runs", type=int, default=9, help="timed runs per mode (median reported)")
-    parser.add_argument("--windows", type=int, default=10, help="rebalances over drifting loads")
+    parser.add_argument("--topology", nargs="+", default=["1x1", "8x4"],
+                        help="GROUPSxNODES per run; groups %% nodes != 0 selects the global policy")
+    parser.add_argument("--drift", type=float, nargs="+", default=[0.05, 0.3],
+                        help="log-popularity random-walk step per window, one run each")
+    parser.add_argument("--windows", type=int, default=10, help="rebalances per run")
     parser.add_argument("--zipf", type=float, default=1.0, help="Zipf exponent of expert popularity")
-    parser.add_argument("--drift", type=float, default=0.3, help="log-popularity random-walk step per window")
     parser.add_argument("--tokens", type=int, default=1_000_000, help="tokens routed per layer per window")
     parser.add_argument("--expert-mib", type=float, default=42.0, help="MiB per expert (DeepSeek-V3 fp8: 42)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    shape = (args.replicas, args.groups, args.nodes, args.ranks)
-    loads = drifting_zipf_loads(args.layers, args.experts, args.windows + 1, exponent=args.zipf,
-                                drift=args.drift, tokens=args.tokens, seed=args.seed)
-    policy = "hierarchical" if args.groups % args.nodes == 0 else "global"
-    print(f"shape: {args.layers} layers, {args.experts} experts, {args.replicas} replicas, {args.groups} groups, "
-          f"{args.nodes} nodes, {args.ranks} ranks ({policy} policy); 1 torch thread, median of {args.runs}")
-
-    first = rebalance_experts(loads[0], *shape)[0]
-    plain_ms = _median_ms(lambda: rebalance_experts(loads[1], *shape), args.runs)
-    aware_ms = _median_ms(lambda: rebalance_experts(loads[1], *shape, first), args.runs)
-    print(f"rebalance_experts: {plain_ms:.1f} ms without old_phy2log, {aware_ms:.1f} ms with it")
-
-    gib = args.expert_mib / 1024
     total = args.layers * args.replicas
-    print(f"\n{'window':>6} | {'changed plain':>13} {'aware':>6} | {'received plain':>14} {'aware':>6} "
-          f"| {'GiB plain':>9} {'aware':>6} | {'balancedness plain':>18} {'aware':>6}")
-    plain_prev = aware_prev = first
-    sums = np.zeros(4)
-    for window, w in enumerate(loads[1:], 1):
-        plain = rebalance_experts(w, *shape)[0]
-        aware = rebalance_experts(w, *shape, aware_prev)[0]
-        moves = moved_slots(plain_prev, plain, args.ranks) + moved_slots(aware_prev, aware, args.ranks)
-        sums += moves
-        bal_plain = balancedness(w, plain, args.ranks).mean()
-        bal_aware = balancedness(w, aware, args.ranks).mean()
-        print(f"{window:>6} | {moves[0]:>13} {moves[2]:>6} | {moves[1]:>14} {moves[3]:>6} "
-              f"| {moves[1] * gib:>9.1f} {moves[3] * gib:>6.1f} | {bal_plain:>18.4f} {bal_aware:>6.4f}")
-        plain_prev, aware_prev = plain, aware
-    n = args.windows
-    print(f"\nper rebalance (mean of {n}, of {total} slots): changed {sums[0] / n:.0f} plain vs "
-          f"{sums[2] / n:.0f} aware ({100 * sums[2] / max(sums[0], 1):.0f}%); received from other ranks "
-          f"{sums[1] / n:.0f} vs {sums[3] / n:.0f} = {sums[1] / n * gib:.1f} vs {sums[3] / n * gib:.1f} GiB "
-          f"over all ranks at {args.expert_mib:g} MiB per expert")
+    for topology in args.topology:
+        groups, nodes = (int(x) for x in topology.split("x"))
+        policy = "hierarchical" if groups % nodes == 0 and nodes > 1 else "global"
+        for drift in args.drift:
+            print(f"\n{args.layers} layers, {args.experts} experts, {args.replicas} replicas, {groups} groups, "
+                  f"{nodes} nodes, {args.ranks} ranks ({policy} policy); drift {drift:g} per window, "
+                  f"Zipf {args.zipf:g}, {args.tokens} tokens per layer per window; 1 torch thread")
+            loads = drifting_zipf_loads(args.layers, args.experts, args.windows + 1, exponent=args.zipf,
+                                        drift=drift, tokens=args.tokens, seed=args.seed)
+            stats = _run_windows(loads, (args.replicas, groups, nodes, args.ranks), args.ranks)
+            _report(stats, total, args.expert_mib / 1024)
     return 0
 
 
