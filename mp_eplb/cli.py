@@ -7,6 +7,7 @@ import logging
 from collections.abc import Sequence
 
 from mp_eplb import __version__
+from mp_eplb.bench import add_bench_arguments, run_bench
 from mp_eplb.demo.launch import add_demo_arguments, run_demo
 
 
@@ -25,6 +26,12 @@ def build_parser() -> argparse.ArgumentParser:
                     "parallelism; rebalance while decoding and report what moved.")
     add_demo_arguments(demo)
     demo.set_defaults(func=run_demo)
+    bench = commands.add_parser(
+        "bench", help="benchmark every EPLB mode x communicator side by side (JSON, Markdown, PNG)",
+        description="Run the demo engine in each mode x communicator the device allows, one "
+                    "after the other, plus link and copy microbenchmarks; write the results.")
+    add_bench_arguments(bench)
+    bench.set_defaults(func=run_bench)
     return parser
 
 
