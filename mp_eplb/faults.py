@@ -58,8 +58,9 @@ from mp_eplb.demo.launch import init_rank_groups
 from mp_eplb.messages import RebalanceDone
 from mp_eplb.state import EplbState
 
-__all__ = ["Scenario", "ScenarioResult", "FaultOptions", "FrameProxy", "scenarios",
-           "run_scenarios", "format_table", "add_faults_arguments", "run_faults"]
+__all__ = ["Scenario", "ScenarioResult", "FaultOptions", "FrameProxy", "SoakResult", "scenarios",
+           "run_scenarios", "run_soak", "inject_wrong_key", "format_table",
+           "add_faults_arguments", "run_faults"]
 
 logger = logging.getLogger(__name__)
 
@@ -409,6 +410,8 @@ class _RunSpec:
     init_method: str
     scenarios: tuple[Scenario, ...]
     log_path: str
+    cycles: int = 0
+    restarts: int = 0
 
 
 @dataclass
@@ -749,7 +752,106 @@ def _wait_exit(pid: int, limit_s: float, t0: float) -> float | None:
     return None
 
 
-_JOBS: dict[str, Callable[[_Rank], dict]] = {"batch": _batch_job, "parent_kill": _parent_kill_job}
+#: Faults the soak cycles through (each makes every rank restart its worker).
+SOAK_FAULTS = ("stage:sigkill", "plan:exit", "ready:sigterm", "policy:raise", "stage:sigsegv")
+
+
+@dataclass
+class SoakResult:
+    """Resources of each rank at the start (after the first restart), at the end (before
+    shutdown) and after shutdown; ``problems`` lists every broken expectation."""
+
+    ranks: list[dict]
+    problems: list[str]
+    seconds: float
+
+
+def _soak_faults(cycles: int, restarts: int, world_size: int) -> list[tuple[int, int, str]]:
+    """(rebalance id, rank, failpoint spec) of each injected fault, spread evenly."""
+    every = cycles // restarts
+    return [(every * i + every // 2, i % world_size,
+             f"{SOAK_FAULTS[i % len(SOAK_FAULTS)]}@rebalance={every * i + every // 2}")
+            for i in range(restarts)]
+
+
+def _resources(state: EplbState | None) -> dict:
+    with open("/proc/self/status") as f:
+        rss = next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+    return {"rss_mib": rss / 1024, "fds": _fd_count(), "segments": len(_segments(os.getpid())),
+            "stray_children": _stray_children(None if state is None else _worker_pid(state))}
+
+
+def _soak_job(ctx: _Rank) -> dict:
+    """``cycles`` rebalances with ``restarts`` worker faults; resources before and after."""
+    spec = ctx.spec
+    faults = _soak_faults(spec.cycles, spec.restarts, ctx.world_size)
+    os.environ[failpoints.ENV] = ",".join(f for _, rank, f in faults if rank == ctx.rank)
+    os.environ.pop(failpoints.LOG_ENV, None)
+    options = spec.options
+    state = EplbState(_initial_weights(ctx.rank, ctx.world_size, ctx.device), rank=ctx.rank,
+                      world_size=ctx.world_size, num_logical_experts=NUM_LOGICAL, num_groups=2,
+                      config=_config(options, ctx.world_size), cpu_group=ctx.cpu_group,
+                      ep_group=ctx.ep_group)
+    driver = _Driver(ctx, state)
+    started = time.monotonic()
+    warm_id = faults[0][0] + 2
+    try:
+        driver.run_until(lambda: len(state.history) > warm_id and not state.rebalance_active,
+                         options.timeout_s)
+        start = _resources(state)
+        finished = driver.run_until(
+            lambda: state._next_id >= spec.cycles and not state.rebalance_active,
+            options.timeout_s - (time.monotonic() - started))
+        end = _resources(state)
+        restarts = state._backend.restarts
+    finally:
+        state.shutdown()
+    history = state.history
+    return {"finished": finished, "start": start, "end": end,
+            "after_shutdown": _resources(None), "restarts": restarts,
+            "rebalances": len(history), "aborted": sum(r.aborted for r in history),
+            "committed_layers": sum(len(r.layers_committed) for r in history),
+            "violations": driver.violations[:5], "seconds": time.monotonic() - started}
+
+
+def run_soak(cycles: int = 1000, restarts: int = 50, options: FaultOptions = FaultOptions(),
+             rss_noise_mib: float = 16.0) -> SoakResult:
+    """Run ``cycles`` rebalances with ``restarts`` injected worker faults (each restarts
+    every rank's worker) and compare each rank's RSS, open fds, /dev/shm segments and child
+    processes at the start and the end: fds and segments must not grow, RSS by at most
+    ``rss_noise_mib``, and no stray process may remain."""
+    if not 0 < restarts <= cycles // 2:
+        raise ValueError(f"restarts={restarts} must be in [1, cycles // 2 = {cycles // 2}]")
+    t0 = time.monotonic()
+    run = _launch("soak", [], options, "", cycles=cycles, restarts=restarts)
+    problems = [f"rank {r}: {e}" for r, e in sorted(run.errors.items())]
+    problems += [f"rank {r}: shm segments left after exit {names[:3]}"
+                 for r, names in sorted(run.segments_left.items())]
+    ranks = [run.results[r] for r in sorted(run.results)]
+    for rank, res in enumerate(ranks):
+        start, end, after = res["start"], res["end"], res["after_shutdown"]
+        checks = [
+            (res["finished"], "did not finish its cycles in time"),
+            (res["rebalances"] >= cycles, f"ran {res['rebalances']} rebalances, not {cycles}"),
+            (res["restarts"] >= restarts, f"restarted its worker {res['restarts']} times, "
+                                          f"expected {restarts}"),
+            (res["aborted"] == restarts, f"{res['aborted']} rebalances aborted, expected "
+                                         f"{restarts} (one per fault)"),
+            (not res["violations"], f"inconsistent: {res['violations']}"),
+            (end["fds"] <= start["fds"], f"open fds {start['fds']} -> {end['fds']}"),
+            (end["segments"] <= start["segments"],
+             f"shm segments {start['segments']} -> {end['segments']}"),
+            (end["rss_mib"] - start["rss_mib"] <= rss_noise_mib,
+             f"RSS {start['rss_mib']:.1f} -> {end['rss_mib']:.1f} MiB"),
+            (not end["stray_children"] and not after["stray_children"],
+             f"stray processes {end['stray_children'] + after['stray_children']}"),
+        ]
+        problems += [f"rank {rank}: {text}" for ok, text in checks if not ok]
+    return SoakResult(ranks, problems, time.monotonic() - t0)
+
+
+_JOBS: dict[str, Callable[[_Rank], dict]] = {"batch": _batch_job, "parent_kill": _parent_kill_job,
+                                             "soak": _soak_job}
 
 
 def _rank_entry(rank: int, spec: _RunSpec, conn: Connection) -> None:
@@ -782,11 +884,22 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _launch(job: str, items: Sequence[Scenario], options: FaultOptions,
-            log_path: str) -> tuple[dict[int, dict], dict[int, list[dict]], dict[int, str]]:
-    """Run ``job`` on ``options.ranks`` spawned rank processes: (results, info messages,
-    errors) by rank. No rank process outlives the call (terminate, then kill)."""
-    spec = _RunSpec(job, options, f"tcp://127.0.0.1:{_free_port()}", tuple(items), log_path)
+@dataclass
+class _Outcome:
+    """What a run's ranks sent (by rank) and the shm segments an exited rank left."""
+
+    results: dict[int, dict]
+    infos: dict[int, list[dict]]
+    errors: dict[int, str]
+    segments_left: dict[int, list[str]]
+
+
+def _launch(job: str, items: Sequence[Scenario], options: FaultOptions, log_path: str,
+            cycles: int = 0, restarts: int = 0) -> _Outcome:
+    """Run ``job`` on ``options.ranks`` spawned rank processes. No rank process outlives the
+    call (terminate, then kill)."""
+    spec = _RunSpec(job, options, f"tcp://127.0.0.1:{_free_port()}", tuple(items), log_path,
+                    cycles, restarts)
     mp = multiprocessing.get_context("spawn")
     procs, readers = [], {}
     for rank in range(options.ranks):
@@ -832,7 +945,10 @@ def _launch(job: str, items: Sequence[Scenario], options: FaultOptions,
                     proc.join(_EXIT_WAIT_S)
         for reader in readers:
             reader.close()
-    return results, infos, errors
+    # A rank that exited (not killed by a signal) must have released every segment.
+    left = {rank: [os.path.basename(p) for p in _segments(proc.pid)]
+            for rank, proc in enumerate(procs) if proc.exitcode is not None and proc.exitcode >= 0}
+    return _Outcome(results, infos, errors, {r: names for r, names in left.items() if names})
 
 
 # -- evaluation -------------------------------------------------------------------------------
@@ -939,13 +1055,14 @@ def _leftover_text(observed: list[dict]) -> str:
     return "; ".join(parts) or "none"
 
 
-def _evaluate_parent_kill(sc: Scenario, results: dict[int, dict], infos: dict[int, list[dict]],
-                          errors: dict[int, str], options: FaultOptions,
+def _evaluate_parent_kill(sc: Scenario, run: _Outcome, options: FaultOptions,
                           segments_before: set[str]) -> ScenarioResult:
     victim = options.ranks - 1
-    errors = {r: e for r, e in errors.items() if r != victim}
-    survivor = results.get(0)
-    info = next(iter(infos.get(victim, [])), None)
+    errors = {r: e for r, e in run.errors.items() if r != victim}
+    errors.update({r: f"shm segments left after exit {names[:3]}"
+                   for r, names in run.segments_left.items()})
+    survivor = run.results.get(0)
+    info = next(iter(run.infos.get(victim, [])), None)
     swept = _sweep_dead_owner(info, segments_before)
     if errors or survivor is None:
         return ScenarioResult(sc.name, sc.expect, "failed", None, 1.0, False, False, swept,
@@ -1001,7 +1118,8 @@ def run_scenarios(names: Sequence[str] | None = None,
     with tempfile.TemporaryDirectory(prefix="eplb-faults-") as tmp:
         if batch:
             log_path = os.path.join(tmp, "failpoints.jsonl")
-            results, _, errors = _launch("batch", batch, options, log_path)
+            run = _launch("batch", batch, options, log_path)
+            results, errors = run.results, run.errors
             fired = _injections(log_path)
             for i, sc in enumerate(batch):
                 if errors or len(results) != options.ranks:
@@ -1012,19 +1130,20 @@ def run_scenarios(names: Sequence[str] | None = None,
                 observed = [results[r]["scenarios"][i] for r in range(options.ranks)]
                 out[sc.name] = _evaluate(sc, observed, fired, options)
             if not errors and len(results) == options.ranks:
-                _check_final(results, batch, out)
+                _check_final(results, run.segments_left, batch, out)
         for sc in (s for s in chosen if s.kind == "parent_kill"):
             before = set(glob.glob("/dev/shm/mp_eplb_*"))
-            results, infos, errors = _launch("parent_kill", [sc], options,
-                                             os.path.join(tmp, "unused"))
-            out[sc.name] = _evaluate_parent_kill(sc, results, infos, errors, options, before)
+            run = _launch("parent_kill", [sc], options, os.path.join(tmp, "unused"))
+            out[sc.name] = _evaluate_parent_kill(sc, run, options, before)
     return [out[sc.name] for sc in chosen]
 
 
-def _check_final(results: dict[int, dict], batch: list[Scenario],
-                 out: dict[str, ScenarioResult]) -> None:
-    """After shutdown: no worker left, no segment, no socket file; else the last row fails."""
-    problems = []
+def _check_final(results: dict[int, dict], segments_left: dict[int, list[str]],
+                 batch: list[Scenario], out: dict[str, ScenarioResult]) -> None:
+    """After shutdown and exit: no worker left, no segment, no socket file; else the last
+    row fails."""
+    problems = [f"rank {r}: shm segments left after exit {names[:3]}"
+                for r, names in sorted(segments_left.items())]
     for rank, result in sorted(results.items()):
         final = result["final"]
         if final["stray_workers"] or final["children"]:
