@@ -1,0 +1,163 @@
+"""``mp-eplb bench``: option resolution and errors, the plot's optional dependency, and one
+``--quick`` CPU run whose JSON is checked for schema and sanity (no timing thresholds)."""
+
+from __future__ import annotations
+
+import argparse
+import builtins
+import importlib.util
+import json
+import logging
+import math
+import multiprocessing
+import os
+from pathlib import Path
+
+import pytest
+
+from ipc.handles import SEGMENT_PREFIX, SHM_DIR
+from mp_eplb.bench import CONFIGS, PRESETS, add_bench_arguments, resolve_options, run_bench
+from mp_eplb.bench.output import markdown, plot
+from mp_eplb.cli import build_parser
+from mp_eplb.demo.model import ConfigError
+
+CONFIG_KEYS = {
+    "name", "mode", "communicator", "link", "ranks", "steps", "rebalances_started",
+    "rebalances_completed", "rebalances_measured", "steady_ms", "during_ms",
+    "added_ms_per_rebalance", "steps_per_rebalance", "layers_per_rebalance",
+    "bytes_per_rank_per_rebalance", "transfer_ms", "transfer_gbps_per_rank",
+    "commit_ms_per_layer", "ready_latency_ms", "agreement_ms", "policy_ms",
+    "engine_cpu_ms_per_rebalance", "engine_cpu_extra_ms_per_rebalance", "steady_cpu_ms_per_step",
+    "setup", "policy", "series", "added_vs_sync", "floor_ms", "added_vs_floor", "link_best_gbps",
+    "rate_vs_link_best"}
+
+
+def _args(*argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    add_bench_arguments(parser)
+    return parser.parse_args(list(argv))
+
+
+def _positive(value: object) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value) and value > 0
+
+
+def _finite_numbers(value: object) -> bool:
+    if isinstance(value, dict):
+        return all(_finite_numbers(v) for v in value.values())
+    if isinstance(value, list):
+        return all(_finite_numbers(v) for v in value)
+    return not isinstance(value, float) or math.isfinite(value)
+
+
+def test_options_come_from_the_device_preset() -> None:
+    opts = resolve_options(_args("--quick"))
+    cpu = PRESETS["cpu"]
+    assert (opts.steps, opts.rebalance_interval, opts.drift_interval) == (
+        cpu.quick_steps, cpu.rebalance_interval, cpu.rebalance_interval)
+    assert (opts.drift_swaps, opts.token_period, opts.hidden) == (
+        cpu.drift_swaps, cpu.token_period, cpu.model["hidden"])
+    stress = resolve_options(_args("--device", "cuda", "--stress", "--steps", "100"))
+    assert (stress.drift_swaps, stress.hidden, stress.inter, stress.dtype) == (
+        0, 7168, 2048, "bfloat16")
+    assert stress.experts + stress.redundant == 72 and stress.steps == 100
+    with pytest.raises(ConfigError, match="must be a multiple of --token-period"):
+        resolve_options(_args("--token-period", "7"))
+    with pytest.raises(ConfigError, match="leaves no measured rebalance"):
+        resolve_options(_args("--steps", "30"))
+
+
+def test_cli_wires_bench_and_rejects_bad_configs(capsys: pytest.CaptureFixture[str]) -> None:
+    args = build_parser().parse_args(["bench", "--quick", "--configs", "process-gloo,bogus"])
+    assert args.func(args) == 1
+    assert "'bogus' is not a cpu configuration" in capsys.readouterr().err
+    assert [c.name for c in CONFIGS["cuda"]] == [
+        "none", "sync", "thread-nccl", "process-nccl", "process-cuda_ipc"]
+
+
+def test_plot_is_skipped_with_a_warning_without_matplotlib(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    real_import = builtins.__import__
+
+    def no_matplotlib(name: str, *args, **kwargs):
+        if name.startswith("matplotlib"):
+            raise ImportError("no matplotlib here")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_matplotlib)
+    with caplog.at_level(logging.WARNING):
+        assert plot({"configs": [], "meta": {}}, tmp_path / "x.png") is False
+    assert "matplotlib is not installed" in caplog.text
+    assert not (tmp_path / "x.png").exists()
+
+
+def _segments() -> set[str]:
+    return {n for n in os.listdir(SHM_DIR) if n.startswith(SEGMENT_PREFIX)}
+
+
+def _owner_alive(segment: str) -> bool:
+    """Segment names carry their owner's pid (``mp_eplb_<pid>_...``)."""
+    return Path(f"/proc/{segment[len(SEGMENT_PREFIX):].split('_')[0]}").exists()
+
+
+@pytest.mark.timeout(400)
+def test_quick_cpu_bench_writes_sane_results(tmp_path: Path,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    segments = _segments()
+    assert run_bench(_args("--quick", "--out", str(tmp_path), "--repeats", "3")) == 0
+    out = capsys.readouterr().out
+    assert "[1/4] none" in out and "[4/4] process-gloo" in out and "[micro]" in out
+    data = json.loads((tmp_path / "bench.json").read_text())
+    assert set(data) == {"meta", "configs", "micro", "micro_error", "product", "goals"}
+    assert data["meta"]["device"] == "cpu" and data["meta"]["ranks"] == 2
+    assert data["micro_error"] is None and data["product"] == "process-gloo"
+    assert _finite_numbers(data)
+    configs = {c["name"]: c for c in data["configs"]}
+    assert list(configs) == [c.name for c in CONFIGS["cpu"]]
+    for name, c in configs.items():
+        assert set(c) == CONFIG_KEYS, name
+        steps = c["steps"]
+        assert steps == PRESETS["cpu"].quick_steps and len(c["series"]["step_ms"]) == steps
+        assert all(_positive(v) for v in c["series"]["step_ms"])
+        assert _positive(c["steady_ms"]["p50"]) and c["steady_ms"]["p99"] >= c["steady_ms"]["p50"]
+        if name == "none":
+            assert c["rebalances_started"] == 0 and c["policy"] is None
+            continue
+        assert c["rebalances_completed"] >= 1 and c["rebalances_measured"] >= 1, name
+        for key in ("steps_per_rebalance", "layers_per_rebalance", "bytes_per_rank_per_rebalance",
+                    "transfer_ms", "transfer_gbps_per_rank", "engine_cpu_ms_per_rebalance",
+                    "floor_ms", "link_best_gbps", "rate_vs_link_best"):
+            assert _positive(c[key]), (name, key)
+        assert c["added_ms_per_rebalance"] is not None and c["during_ms"]["steps"] >= 1
+        assert c["added_vs_sync"] is not None
+        windows = c["series"]["windows"]
+        assert len(windows) == c["rebalances_started"]
+        assert sum(measured for _, _, measured in windows) == c["rebalances_measured"]
+        assert all(0 <= start <= end < steps for start, end, _ in windows)
+        policy = c["policy"]
+        assert len(policy["per_rebalance"]) == c["rebalances_measured"]
+        for row in policy["per_rebalance"]:
+            assert 0 < row["aware_slots"] <= row["agnostic_slots"]
+            assert row["aware_matches_plan"] is True  # the run's plan is the aware policy's
+        assert 0 < policy["ratio"] <= 1
+        if c["mode"] != "sync":
+            assert _positive(c["commit_ms_per_layer"]["p50"])
+            assert c["ready_latency_ms"]["p50"] >= 0 and c["agreement_ms"]["p50"] >= 0
+    assert configs["sync"]["added_vs_sync"] == pytest.approx(1.0)
+    process = configs["process-gloo"]["setup"]
+    assert _positive(process["worker_start_s"]) and _positive(process["shm_bytes"])
+    assert _positive(process["worker_rss_bytes"])
+    assert configs["thread-gloo"]["setup"]["worker_start_s"] is None
+    gloo = data["micro"]["links"]["gloo"]
+    assert _positive(gloo["best_gbps"]) and gloo["best_gbps"] >= gloo["median_gbps"]
+    copy = data["micro"]["copy"]
+    assert copy["rows"] >= 1 and copy["bytes"] > 0 and _positive(copy["ratio"])
+    assert [g["goal"] for g in data["goals"]][0].startswith("step p99")
+    assert len(data["goals"]) == 6 and all(set(g) == {"goal", "value", "limit", "met", "text"}
+                                           for g in data["goals"])
+    text = (tmp_path / "bench.md").read_text()
+    assert text == markdown(data) and text.startswith("# mp-eplb bench: CPU, 2 ranks")
+    assert (tmp_path / "bench.png").exists() == (importlib.util.find_spec("matplotlib") is not None)
+    assert multiprocessing.active_children() == []
+    leaked = [s for s in _segments() - segments if not _owner_alive(s)]
+    assert leaked == []  # the ranks and workers are gone, so are their segments
