@@ -448,6 +448,9 @@ class EplbState:
         if fault:
             self._fail(flight, fault)
             return
+        if not self._backend.ready:  # a (re)start is bounded by start_timeout_s (_health)
+            flight.last_progress = time.monotonic()
+            return
         waiting = flight.plan is None or (
             len(flight.ready) < len(flight.plan.layers)
             and len(flight.ready) - flight.committed < self.config.num_staging_buffers)
