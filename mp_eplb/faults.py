@@ -67,7 +67,7 @@ logger = logging.getLogger(__name__)
 NUM_LAYERS = 3
 NUM_LOGICAL = 8
 #: Seconds between steps of the scenario loop (an engine's step, shortened).
-STEP_SLEEP_S = 0.001
+STEP_SLEEP_S = 0.002
 #: Wrong-key frames a ``wrong-key`` scenario sends (plus two frames of random bytes).
 WRONG_KEY_FRAMES = 5
 #: Readings of GPU free memory after a kill may differ by this much (allocator granularity).
@@ -157,7 +157,7 @@ class FaultOptions:
     communicator: str = "auto"
     timeout_s: float = 900.0
     heartbeat_timeout_s: float = 1.5
-    layer_timeout_s: float = 10.0
+    layer_timeout_s: float = 30.0
     detect_bound_s: float = 1.0
     start_timeout_s: float = 60.0
 
@@ -1154,6 +1154,12 @@ def _check_final(results: dict[int, dict], segments_left: dict[int, list[str]],
             problems.append(f"rank {rank}: socket files left {final['stale_sockets']}")
         if result["violations"] and not any(not r.consistent for r in out.values()):
             problems.append(f"rank {rank}: {result['violations'][0]}")
+        gaps = [o["gpu_gap_mib"] for o in result["scenarios"]
+                if o.get("gpu_gap_mib") is not None]
+        if gaps and min(gaps) < gaps[0] - GPU_MEM_TOLERANCE_MIB:
+            problems.append(f"rank {rank}: GPU free memory right after a worker kill fell from "
+                            f"{gaps[0]:.0f} to {min(gaps):.0f} MiB over the run (memory of "
+                            "dead workers not returned)")
         gpu = result["gpu_free_mib"]
         if gpu["before_state"] is not None:
             out[batch[-1].name].notes += (f"; rank {rank} GPU free MiB before state "

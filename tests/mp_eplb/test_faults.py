@@ -18,7 +18,7 @@ from mp_eplb import failpoints
 from mp_eplb.faults import (FaultOptions, ScenarioResult, add_faults_arguments, format_table,
                             run_faults, run_scenarios, scenarios)
 
-OPTIONS = FaultOptions(ranks=2, timeout_s=240.0, heartbeat_timeout_s=1.5, layer_timeout_s=10.0)
+OPTIONS = FaultOptions(ranks=2, timeout_s=240.0, heartbeat_timeout_s=1.5, layer_timeout_s=30.0)
 
 
 # -- failpoints -------------------------------------------------------------------------------
