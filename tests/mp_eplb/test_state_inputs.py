@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 import torch
@@ -71,9 +73,12 @@ def test_single_rank_runs_rebalances_without_peers() -> None:
     """One rank: the worker's group has one member; rebalances complete and every row
     always matches the maps (whether the policy moves anything on one rank is its call)."""
     weights = _weights()
-    config = EplbConfig( num_redundant_experts=2, window_size=3, step_interval=4)
+    config = EplbConfig(num_redundant_experts=2, window_size=3, step_interval=4)
     with EplbState(weights, rank=0, world_size=1, num_logical_experts=4, config=config) as state:
-        for step in range(60):
+        step = 0
+        while sum(r.end_step is not None for r in state.history) < 3:
+            assert step < 5000, f"rebalances did not complete: {state.history}"
+            step += 1
             state.step(torch.as_tensor(
                 skewed_load(state.physical_to_logical_map.numpy(), step, 0, phase=5)))
             p2l = state.physical_to_logical_map.numpy()
@@ -82,5 +87,6 @@ def test_single_rank_runs_rebalances_without_peers() -> None:
                                    encode_rows(layer, p2l[layer], torch.float32, (3,)))
                 assert torch.equal(weights[layer][1],
                                    encode_rows(layer, p2l[layer], torch.uint8, (2, 2)))
+            time.sleep(0.001)
         done = [r for r in state.history if r.end_step is not None and not r.aborted]
     assert len(done) >= 3, f"expected completed rebalances: {state.history}"
