@@ -6,7 +6,8 @@
   pulls it with ``copy_``: a copy-engine read from the peer GPU, as the worker does).
 * Local copy: ``mp_eplb.transfer.move_from_buffer`` of one layer with the metadata a real
   ``move_to_buffer`` produced for a recorded placement change, next to one plain copy of the
-  same bytes (GPU time from CUDA events; on CPU, wall time).
+  same bytes (GPU time from CUDA events, the GPU kept busy until the host has issued the
+  copies, plus the call's host time; on CPU, wall time).
 """
 
 from __future__ import annotations
@@ -74,6 +75,8 @@ def summarize_micro(results: list[dict]) -> dict:
     out["copy"] = {"bytes": copy["bytes"], "rows": copy["rows"],
                    "move_from_buffer_ms_best": mfb.min() * 1e3,
                    "move_from_buffer_ms_median": float(np.median(mfb)) * 1e3,
+                   "move_from_buffer_host_ms_median":
+                       float(np.median(copy["move_from_buffer_host_s"])) * 1e3,
                    "plain_copy_ms_best": plain.min() * 1e3,
                    "plain_copy_ms_median": float(np.median(plain)) * 1e3,
                    "plain_copy_gbps": copy["bytes"] / plain.min() / 1e9 if copy["bytes"] else None,
@@ -136,25 +139,36 @@ def _link_cuda_ipc(env: RankEnv, spec: MicroSpec) -> list[float]:
     return seconds
 
 
+#: GPU cycles of busy-wait queued before each timed copy, so the host has launched all of
+#: it before the GPU reaches the start event and the events time the copies alone.
+_GPU_HEAD_START_CYCLES = 5_000_000
+
+
 def _event_seconds(fn: Callable[[], None], device: torch.device, *, warmup: int,
-                   repeats: int) -> tuple[list[float], str]:
-    """Per repeat: GPU time between CUDA events around ``fn`` (CPU: wall time)."""
-    seconds = []
+                   repeats: int) -> tuple[list[float], list[float], str]:
+    """Per repeat: ``(device seconds, host seconds of the call)``. On CUDA the device time is
+    between CUDA events around ``fn`` with the GPU held busy until the host is done; on CPU
+    both are wall time."""
+    device_s, host_s = [], []
     for i in range(warmup + repeats):
         if device.type == "cuda":
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            torch.cuda._sleep(_GPU_HEAD_START_CYCLES)
             start.record()
+            t0 = time.perf_counter()
             fn()
+            host = time.perf_counter() - t0
             end.record()
             end.synchronize()
             elapsed = start.elapsed_time(end) / 1e3
         else:
             t0 = time.perf_counter()
             fn()
-            elapsed = time.perf_counter() - t0
+            elapsed = host = time.perf_counter() - t0
         if i >= warmup:
-            seconds.append(elapsed)
-    return seconds, "cuda events" if device.type == "cuda" else "wall clock"
+            device_s.append(elapsed)
+            host_s.append(host)
+    return device_s, host_s, "cuda events" if device.type == "cuda" else "wall clock"
 
 
 def _copy_bench(env: RankEnv, spec: MicroSpec) -> dict:
@@ -174,15 +188,15 @@ def _copy_bench(env: RankEnv, spec: MicroSpec) -> dict:
     rows = int((~metadata.is_unchanged & (new_local != -1)).sum())
     row_bytes = sum(w[0].numel() * w.element_size() for w in weights)
     nbytes = rows * row_bytes
-    mfb, timer = _event_seconds(
+    mfb, mfb_host, timer = _event_seconds(
         lambda: move_from_buffer(weights, buffers, metadata, new, env.rank), device,
         warmup=spec.warmup, repeats=spec.repeats)
     src = torch.empty(max(nbytes, 1), dtype=torch.uint8, device=device)
     dst = torch.empty_like(src)
-    plain, _ = _event_seconds(lambda: dst.copy_(src, non_blocking=True), device,
-                              warmup=spec.warmup, repeats=spec.repeats)
-    return {"bytes": nbytes, "rows": rows, "move_from_buffer_s": mfb, "plain_copy_s": plain,
-            "timer": timer}
+    plain, _, _ = _event_seconds(lambda: dst.copy_(src, non_blocking=True), device,
+                                 warmup=spec.warmup, repeats=spec.repeats)
+    return {"bytes": nbytes, "rows": rows, "move_from_buffer_s": mfb,
+            "move_from_buffer_host_s": mfb_host, "plain_copy_s": plain, "timer": timer}
 
 
 def _micro_rank(env: RankEnv, spec_dict: dict) -> dict:

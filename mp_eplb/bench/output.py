@@ -93,7 +93,8 @@ def markdown(data: dict) -> str:
                       f"{copy['bytes'] / _MIB:.1f} MiB, {copy['timer']}): best "
                       f"{copy['move_from_buffer_ms_best']:.3f} ms vs a plain copy of the same bytes "
                       f"{copy['plain_copy_ms_best']:.3f} ms ({_f(copy['ratio'])}×; plain copy "
-                      f"{_f(copy['plain_copy_gbps'])} GB/s)."]
+                      f"{_f(copy['plain_copy_gbps'])} GB/s); host time of the call "
+                      f"{copy['move_from_buffer_host_ms_median']:.3f} ms (median)."]
     lines += ["", "## Bytes per rebalance: placement-aware vs agnostic policy (same loads)", "",
               "| config | aware MiB | agnostic MiB | aware / agnostic | balancedness aware / agnostic "
               "| aware result = run's plan |", "|---|---|---|---|---|---|"]

@@ -3,9 +3,12 @@ side in one run, plus the microbenchmarks they are compared with; writes JSON, M
 
 Each configuration runs on a fresh set of rank processes, one after the other, with the
 same model, workload and schedule. The workload drifts by ``--drift-swaps`` popularity swaps
-per layer every rebalance interval over batches that repeat every ``--token-period`` steps,
-so every rebalance after the first moves what the drift changed (about 4-5 experts of 84 MiB
-per rank and layer with the CUDA preset; ``--stress`` redraws the hot set whole instead).
+per layer every rebalance interval, half an interval before each rebalance starts, over
+batches that repeat every ``--token-period`` steps; the policy reads the last half interval
+(one drift epoch, a whole number of batch periods). So every rebalance after the first moves
+what the drift changed (about 4-5 experts of 84 MiB per rank and layer with the CUDA preset;
+``--stress`` redraws the hot set whole instead), and a worker reading the load window a few
+steps late still sees the same load.
 """
 
 from __future__ import annotations
@@ -77,7 +80,7 @@ PRESETS: dict[str, Preset] = {
     # about 4-5 experts (~378 MiB) per rank and layer at each rebalance.
     "cuda": Preset(model=dict(layers=6, experts=64, redundant=8, hidden=7168, inter=2048,
                               top_k=8, tokens=512, zipf=1.2, dtype="bfloat16"),
-                   rebalance_interval=40, drift_swaps=8, token_period=8, steps=420,
+                   rebalance_interval=40, drift_swaps=8, token_period=5, steps=420,
                    quick_steps=220),
 }
 _MODEL_DESTS = {"layers", "experts", "redundant", "hidden", "inter", "top_k", "tokens", "zipf",
@@ -131,11 +134,15 @@ def resolve_options(args: argparse.Namespace) -> argparse.Namespace:
         opts.drift_interval = opts.rebalance_interval
     if opts.drift_swaps is None:
         opts.drift_swaps = 0 if args.stress else preset.drift_swaps
+    if opts.drift_offset is None:
+        opts.drift_offset = opts.rebalance_interval // 2
+    if not opts.window:
+        opts.window = max(1, opts.rebalance_interval // 2)
     if opts.token_period is None:
         opts.token_period = preset.token_period
     if opts.steps is None:
         opts.steps = preset.quick_steps if args.quick else preset.steps
-    window = opts.window or opts.rebalance_interval
+    window = opts.window
     if opts.token_period and window % opts.token_period:
         raise ConfigError(f"--window {window} must be a multiple of --token-period "
                           f"{opts.token_period} (or pass --token-period 0)")
@@ -235,7 +242,7 @@ def run_bench(args: argparse.Namespace) -> int:
         print(f"mp-eplb bench: {exc}", file=sys.stderr)
         return 1
     cfg = config_from_args(opts)
-    window = opts.window or opts.rebalance_interval
+    window = opts.window
     started = time.monotonic()
     runs: dict[str, list[RankResult]] = {}
     reports: dict = {}
@@ -276,7 +283,8 @@ def run_bench(args: argparse.Namespace) -> int:
              f"redundant), hidden {cfg.hidden}, inter {cfg.inter}, {opts.dtype} "
              f"({cfg.expert_bytes() / 2**20:.1f} MiB per expert), top-{cfg.top_k}, "
              f"{cfg.tokens_per_rank} tokens per rank; rebalance every {opts.rebalance_interval} "
-             f"steps (window {window}), drift every {opts.drift_interval} steps by "
+             f"steps (window {window}), drift every {opts.drift_interval} steps (offset "
+             f"{opts.drift_offset}) by "
              f"{opts.drift_swaps or 'a whole redraw'} swaps, batches repeating every "
              f"{opts.token_period or 'never'} steps, {opts.layers_per_step} layer(s) per step")
     data = {

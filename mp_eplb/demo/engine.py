@@ -116,17 +116,20 @@ class DriftingModel(MoEModel):
     decode batch of step ``s`` is that of step ``s % token_period``, so the load over a window
     of a multiple of ``token_period`` steps inside one epoch is the same every time and a
     rebalance moves only what the drift changed (0: a fresh batch every step, whose sampling
-    noise reorders the packing of near-equal experts at every rebalance).
+    noise reorders the packing of near-equal experts at every rebalance). ``drift_offset``:
+    the epochs start ``drift_offset`` steps early (the first drift is at step
+    ``drift_interval - drift_offset``), e.g. to keep drifts away from rebalance starts.
     """
 
     def __init__(self, cfg: MoEConfig, *, drift_swaps: int = 0, token_period: int = 0,
-                 **kwargs: Any) -> None:
-        if drift_swaps < 0 or token_period < 0:
-            raise ConfigError(f"drift_swaps ({drift_swaps}) and token_period ({token_period}) "
-                              "must be >= 0")
+                 drift_offset: int = 0, **kwargs: Any) -> None:
+        if min(drift_swaps, token_period, drift_offset) < 0:
+            raise ConfigError(f"drift_swaps ({drift_swaps}), token_period ({token_period}) and "
+                              f"drift_offset ({drift_offset}) must be >= 0")
         super().__init__(cfg, **kwargs)
         self.drift_swaps = drift_swaps
         self.token_period = token_period
+        self.drift_offset = drift_offset
         self._epoch_bias: dict[int, list[torch.Tensor]] = {}  # layer -> CPU bias per epoch
         self._device_bias: dict[tuple[int, int], torch.Tensor] = {}
 
@@ -134,6 +137,7 @@ class DriftingModel(MoEModel):
         return super().make_tokens(step % self.token_period if self.token_period else step)
 
     def router_bias(self, layer: int, step: int) -> torch.Tensor:
+        step += self.drift_offset
         if not self.drift_swaps:
             return super().router_bias(layer, step)
         epoch = step // self.cfg.drift_interval
@@ -441,12 +445,14 @@ class RunReport:
     ``steady``: steps in no rebalance, after the first rebalance finished (before it the
     placement is the naive initial one; with no rebalance, after the first tenth of the run).
     ``steady_cpu_ms``: median engine CPU time of a steady step (slowest rank).
+    ``latency_ms`` [steps]: every step's latency (the slowest rank).
     """
 
     steady: StepStats | None
     steady_cpu_ms: float | None
     rebalances: list[RebalanceReport]
     window: int
+    latency_ms: np.ndarray
 
     def describe(self) -> str:
         return "\n".join(r.describe(self.steady) for r in self.rebalances)
@@ -504,7 +510,8 @@ def rebalance_report(results: Sequence[RankResult], *, expert_bytes: int,
             during=StepStats.of(latency_ms[span]),
             added_ms=float((latency_ms[span] - (steady.p50_ms if steady else 0.0)).sum()),
             cpu_ms=float(np.max([np.sum(r.cpu_time_s[span]) for r in results]) * 1e3)))
-    return RunReport(steady=steady, steady_cpu_ms=steady_cpu, rebalances=reports, window=window)
+    return RunReport(steady=steady, steady_cpu_ms=steady_cpu, rebalances=reports, window=window,
+                     latency_ms=latency_ms)
 
 
 def _transfer_s(records: list[dict]) -> float | None:

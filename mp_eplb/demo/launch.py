@@ -164,6 +164,10 @@ def add_model_arguments(parser: argparse.ArgumentParser, default: MoEConfig | No
                        help="drift amount: expert pairs whose popularity swaps at each drift "
                             "(0: the hot set is redrawn whole; default "
                             f"{0 if default else 'preset'})")
+    model.add_argument("--drift-offset", type=int, default=0 if default else None,
+                       help="steps by which the drifts come early (the first is at "
+                            "drift interval - offset; default "
+                            f"{0 if default else 'preset'})")
     model.add_argument("--token-period", type=int, default=0 if default else None,
                        help="steps after which the decode batches repeat, so loads repeat "
                             f"(0: never; default {0 if default else 'preset'})")
@@ -222,7 +226,8 @@ def init_rank_groups(rank: int, world_size: int, init_method: str, device: torch
 def build_model(args: argparse.Namespace, env: RankEnv) -> DriftingModel:
     """This rank's shard of the model ``args`` describe (with its drift workload)."""
     return DriftingModel(config_from_args(args), drift_swaps=args.drift_swaps,
-                         token_period=args.token_period, rank=env.rank,
+                         token_period=args.token_period, drift_offset=args.drift_offset,
+                         rank=env.rank,
                          world_size=env.world_size, device=env.device, ep_group=env.ep_group,
                          cpu_group=env.cpu_group)
 

@@ -57,12 +57,14 @@ def test_options_come_from_the_device_preset() -> None:
         cpu.quick_steps, cpu.rebalance_interval, cpu.rebalance_interval)
     assert (opts.drift_swaps, opts.token_period, opts.hidden) == (
         cpu.drift_swaps, cpu.token_period, cpu.model["hidden"])
+    half = cpu.rebalance_interval // 2  # drifts half an interval before each rebalance
+    assert (opts.drift_offset, opts.window) == (half, half)
     stress = resolve_options(_args("--device", "cuda", "--stress", "--steps", "100"))
     assert (stress.drift_swaps, stress.hidden, stress.inter, stress.dtype) == (
         0, 7168, 2048, "bfloat16")
     assert stress.experts + stress.redundant == 72 and stress.steps == 100
     with pytest.raises(ConfigError, match="must be a multiple of --token-period"):
-        resolve_options(_args("--token-period", "7"))
+        resolve_options(_args("--token-period", "7"))  # window 10
     with pytest.raises(ConfigError, match="leaves no measured rebalance"):
         resolve_options(_args("--steps", "30"))
 

@@ -38,6 +38,9 @@ def test_drifting_model_swaps_a_set_number_of_experts_and_repeats_batches() -> N
     assert torch.equal(twin.router_bias(1, 50), model.router_bias(1, 50))  # same on every rank
     whole = DriftingModel(CFG, rank=0, world_size=2, device="cpu")
     assert torch.equal(whole.router_bias(0, 25), plain.router_bias(0, 25))
+    early = DriftingModel(CFG, drift_swaps=2, drift_offset=4, rank=0, world_size=2, device="cpu")
+    assert torch.equal(early.router_bias(1, 5), epoch0)  # the first drift comes at step 6
+    assert torch.equal(early.router_bias(1, 6), model.router_bias(1, 10))
     with pytest.raises(ConfigError, match="drift_swaps"):
         DriftingModel(CFG, drift_swaps=-1, rank=0, world_size=2, device="cpu")
 
