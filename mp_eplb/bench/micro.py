@@ -120,19 +120,22 @@ def _link_p2p(env: RankEnv, spec: MicroSpec, device: torch.device) -> list[float
     return seconds
 
 
+def _puller(dst: torch.Tensor, src: torch.Tensor) -> Callable[[], None]:
+    return lambda: dst.copy_(src, non_blocking=True)
+
+
 def _link_cuda_ipc(env: RankEnv, spec: MicroSpec) -> list[float]:
     src = handles.shared_empty((spec.link_bytes,), torch.uint8, env.device)
     src.fill_(env.rank)
     handle = handles.export_tensor(src)
     blobs = all_gather_bytes(msgpack.packb(handle, use_bin_type=True), env.cpu_group)
     peer_handle = msgpack.unpackb(blobs[1 - env.rank], raw=False)
-    peer_src = handles.open_tensor(peer_handle, {"dtype": "uint8"})
     dst = torch.empty(spec.link_bytes, dtype=torch.uint8, device=env.device)
-    seconds = _timed(lambda: dst.copy_(peer_src, non_blocking=True), env.device, env.cpu_group,
-                     warmup=spec.warmup, repeats=spec.repeats)
+    pull = _puller(dst, handles.open_tensor(peer_handle, {"dtype": "uint8"}))
+    seconds = _timed(pull, env.device, env.cpu_group, warmup=spec.warmup, repeats=spec.repeats)
     if int(dst[0]) != 1 - env.rank or int(dst[-1]) != 1 - env.rank:
         raise RuntimeError("cuda_ipc pull read the wrong data")
-    del peer_src
+    del pull  # the last view of the peer's memory, before its mapping is closed
     handles.close(peer_handle)
     dist.barrier(group=env.cpu_group)  # both have closed the peer's mapping
     handles.release(src)

@@ -163,3 +163,31 @@ def test_quick_cpu_bench_writes_sane_results(tmp_path: Path,
     assert multiprocessing.active_children() == []
     leaked = [s for s in _segments() - segments if not _owner_alive(s)]
     assert leaked == []  # the ranks and workers are gone, so are their segments
+
+
+@pytest.mark.gpu
+@pytest.mark.timeout(900)
+def test_quick_cuda_bench_on_two_gpus(tmp_path: Path) -> None:
+    """Every CUDA configuration and both GPU links, on a smaller model (sanity, no thresholds)."""
+    import torch
+
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs 2 GPUs")
+    args = _args("--device", "cuda", "--quick", "--hidden", "1024", "--inter", "512",
+                 "--tokens", "128", "--layers", "3", "--out", str(tmp_path), "--repeats", "3")
+    assert run_bench(args) == 0
+    data = json.loads((tmp_path / "bench.json").read_text())
+    assert _finite_numbers(data) and data["product"] == "process-cuda_ipc"
+    configs = {c["name"]: c for c in data["configs"]}
+    assert list(configs) == [c.name for c in CONFIGS["cuda"]]
+    for name, c in configs.items():
+        assert set(c) == CONFIG_KEYS, name
+        if name != "none":
+            assert c["rebalances_measured"] >= 1 and _positive(c["transfer_gbps_per_rank"]), name
+            assert all(row["aware_matches_plan"] for row in c["policy"]["per_rebalance"]), name
+    for name in ("process-nccl", "process-cuda_ipc"):
+        setup = configs[name]["setup"]
+        assert _positive(setup["worker_start_s"]) and _positive(setup["gpu_extra_bytes"]), name
+    links = data["micro"]["links"]
+    assert set(links) == {"nccl", "cuda_ipc"} and all(_positive(l["best_gbps"]) for l in links.values())
+    assert data["micro"]["copy"]["timer"] == "cuda events" and _positive(data["micro"]["copy"]["ratio"])
