@@ -40,7 +40,7 @@ import threading
 import time
 import traceback
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from multiprocessing.connection import Connection, wait
 from typing import Any
 
@@ -449,19 +449,18 @@ def _initial_weights(rank: int, world_size: int, device: torch.device) -> list[l
              for dtype, shape in shapes] for layer in range(NUM_LAYERS)]
 
 
-def _load(phy2log: np.ndarray, epoch: int, world_size: int) -> np.ndarray:
-    """Tokens per physical slot ``[layers, physical]`` (the same on every rank): the experts
-    on rank ``epoch % world_size`` are 16x hotter than the rest, so each rebalance must move
-    experts off that rank and every layer changes. ``epoch``: rebalances ended so far."""
+def _load(phy2log: np.ndarray, world_size: int) -> np.ndarray:
+    """Tokens per physical slot ``[layers, physical]`` (the same on every rank): experts
+    with a slot on rank 0 are 16x hotter than the rest. A function of the placement alone,
+    so a load window that spans a commit still asks for the same thing; rank 0 is then
+    overloaded under any placement and every rebalance moves experts in every layer."""
     layers, num_phy = phy2log.shape
     local = num_phy // world_size
-    hot_rank = epoch % world_size
     ids = np.clip(phy2log, 0, None)
     experts = np.arange(NUM_LOGICAL)
-    hot = np.stack([np.isin(experts, row[hot_rank * local:(hot_rank + 1) * local])
-                    for row in ids])
-    per_expert = np.where(hot, 4096, 256) * (
-        1 + (experts[None, :] + epoch + np.arange(layers)[:, None]) % 3)
+    hot = np.stack([np.isin(experts, row[:local]) for row in ids])
+    tilt = 1 + (experts[None, :] + np.arange(layers)[:, None]) % 3
+    per_expert = np.where(hot, 4096, 256) * tilt
     replicas = np.stack([np.bincount(row, minlength=NUM_LOGICAL) for row in ids])
     rows = np.arange(layers)[:, None]
     return per_expert[rows, ids] // np.maximum(replicas[rows, ids], 1) * (phy2log >= 0)
@@ -534,8 +533,7 @@ class _Driver:
 
     def step(self) -> Any:
         state = self.state
-        epoch = len(state.history) - int(state.rebalance_active)
-        load = _load(state.physical_to_logical_map.cpu().numpy(), epoch, self.ctx.world_size)
+        load = _load(state.physical_to_logical_map.cpu().numpy(), self.ctx.world_size)
         report = state.step(torch.as_tensor(load, device=state.device))
         self._check_rows()
         time.sleep(STEP_SLEEP_S)
@@ -578,7 +576,8 @@ class _Driver:
 
 def _config(options: FaultOptions, world_size: int) -> EplbConfig:
     return EplbConfig(mode="process", communicator=options.communicator, window_size=2,
-                      step_interval=2, num_redundant_experts=_num_physical(world_size) - NUM_LOGICAL,
+                      step_interval=2,
+                      num_redundant_experts=_num_physical(world_size) - NUM_LOGICAL,
                       heartbeat_timeout_s=options.heartbeat_timeout_s,
                       layer_timeout_s=options.layer_timeout_s,
                       start_timeout_s=options.start_timeout_s)
@@ -1067,12 +1066,13 @@ def _evaluate_parent_kill(sc: Scenario, run: _Outcome, options: FaultOptions,
     if errors or survivor is None:
         return ScenarioResult(sc.name, sc.expect, "failed", None, 1.0, False, False, swept,
                               "; ".join(f"rank {r}: {e}" for r, e in errors.items()))
-    notes = [f"killed rank exited in {survivor['rank_exit_s'] or float('nan'):.3f} s",
+    notes = [f"killed rank exited in {survivor['rank_exit_s'] or float('nan'):.4f} s",
              f"survivor shut down in {survivor['survivor_shutdown_s']:.2f} s"]
     if swept != "none":
         notes.append(f"swept {swept} of the killed rank (its owner cannot unlink after SIGKILL)")
     detection = survivor["worker_exit_s"]
-    ok_exit = detection is not None and detection <= 1.0
+    ok_exit = detection is not None and detection <= 1.0 and survivor["victim_worker"] > 0
+    notes.append(f"worker pid {survivor['victim_worker']}")
     if not ok_exit:
         notes.append("the killed rank's worker outlived it by more than 1 s")
     stray = survivor["children"] + survivor["stale_sockets"]
@@ -1147,7 +1147,8 @@ def _check_final(results: dict[int, dict], segments_left: dict[int, list[str]],
     for rank, result in sorted(results.items()):
         final = result["final"]
         if final["stray_workers"] or final["children"]:
-            problems.append(f"rank {rank}: workers left {final['stray_workers'] + final['children']}")
+            left = final["stray_workers"] + final["children"]
+            problems.append(f"rank {rank}: workers left {left}")
         if final["segments"] > 0:
             problems.append(f"rank {rank}: {final['segments']} shm segments left")
         if final["stale_sockets"]:

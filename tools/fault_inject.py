@@ -23,7 +23,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add_faults_arguments(parser)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.ERROR, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.basicConfig(level=logging.ERROR,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
     return run_faults(args)
 
 
