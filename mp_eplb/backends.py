@@ -54,7 +54,8 @@ class WorkerBackend(abc.ABC):
     """The engine's side of one transfer worker.
 
     ``buffers[slot][i]`` mirror ``expert_weights[layer][i]`` (one layer of this rank's slots);
-    ``load_window`` is ``[window, layers, logical]`` int64. The engine owns all of them.
+    ``load_total`` is ``[layers, logical]`` int64: the window's sum, written by the engine when
+    it asks for a rebalance (never while the worker may read it). The engine owns all of them.
     """
 
     def __init__(self, state: EplbState, empty: Callable[..., torch.Tensor]) -> None:
@@ -65,8 +66,8 @@ class WorkerBackend(abc.ABC):
         device = state.device
         self.buffers = [[empty(t.shape, t.dtype, device) for t in state.expert_weights[0]]
                         for _ in range(state.config.num_staging_buffers)]
-        self.load_window = empty(state._window_shape(), torch.int64, device)
-        self.load_window.zero_()
+        self.load_total = empty((state.num_layers, state.num_logical), torch.int64, device)
+        self.load_total.zero_()
         self.events = ([SharedEvent.create(device)
                         for _ in range(1 + state.config.num_staging_buffers)]
                        if self._cuda else [])
@@ -237,7 +238,7 @@ class ProcessBackend(WorkerBackend):
             rendezvous=rendezvous, device=str(s.device),
             weights=[[handles.export_tensor(t) for t in layer] for layer in s.expert_weights],
             buffers=[[handles.export_tensor(t) for t in slot] for slot in self.buffers],
-            load_window=handles.export_tensor(self.load_window),
+            load_total=handles.export_tensor(self.load_total),
             progress=handles.export_tensor(self.progress),
             events=[e.export() for e in self.events],
             collective_timeout_s=float(s.config.layer_timeout_s))
@@ -301,7 +302,7 @@ class ProcessBackend(WorkerBackend):
         """Stop the worker (escalating), free the shared memory. Idempotent."""
         self._stop_worker(grace_s=SHUTDOWN_GRACE_S)
         if self.buffers:
-            for t in [t for slot in self.buffers for t in slot] + [self.load_window,
+            for t in [t for slot in self.buffers for t in slot] + [self.load_total,
                                                                     self.progress]:
                 handles.release(t)
             self.buffers = []
@@ -334,7 +335,7 @@ class ThreadBackend(WorkerBackend):
         self._error: BaseException | None = None
         worker = build_worker(
             topology=state.topology, communicator=cfg.resolved_communicator(device.type), device=device,
-            weights=state.expert_weights, buffers=self.buffers, load_window=self.load_window,
+            weights=state.expert_weights, buffers=self.buffers, load_total=self.load_total,
             group=_thread_group(state))
         self._thread = threading.Thread(
             target=self._run, args=(worker, worker_link), name=f"eplb-transfer-{state.rank}",

@@ -65,7 +65,8 @@ class Setup:
     """Everything the worker needs, sent once after the handshake.
 
     ``weights[layer][i]``, ``buffers[slot][i]``: tensor handles (engine-owned memory).
-    ``load_window``: handle of the ``[window, layers, logical]`` int64 load window.
+    ``load_total``: handle of the ``[layers, logical]`` int64 window sum (engine writes it
+    before recording ``events[0]`` and sending ``Rebalance``).
     ``progress``: handle of an int64 ``[1]`` CPU counter the worker's loop advances.
     ``events``: interprocess CUDA event handles: ``events[0]`` is recorded by the engine when
     it asks for a rebalance (the load window is complete up to then), ``events[1 + slot]``
@@ -78,7 +79,7 @@ class Setup:
     device: str
     weights: list[list[dict[str, Any]]]
     buffers: list[list[dict[str, Any]]]
-    load_window: dict[str, Any]
+    load_total: dict[str, Any]
     progress: dict[str, Any]
     events: list[dict[str, Any]]
     collective_timeout_s: float

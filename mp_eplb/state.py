@@ -169,13 +169,11 @@ class EplbState:
         self._worker_fault = ""
         self._last_watch = 0.0
         self._progress_seen = (-1, time.monotonic())
-        self.load_window: torch.Tensor
-        if self.config.mode == "sync":
-            self.load_window = torch.zeros(self._window_shape(), dtype=torch.int64,
-                                           device=self.device)
-        else:
+        #: ``[window, layers, logical]`` int64 tokens per logical expert, one row per step.
+        self.load_window = torch.zeros(self._window_shape(), dtype=torch.int64,
+                                       device=self.device)
+        if self.config.mode != "sync":
             self._backend = make_backend(self)
-            self.load_window = self._backend.load_window
 
     # -- engine-facing API ------------------------------------------------------------------
 
@@ -210,6 +208,23 @@ class EplbState:
     @property
     def rebalance_active(self) -> bool:
         return self._inflight is not None
+
+    @property
+    def worker_pid(self) -> int | None:
+        """Process id of the transfer subprocess (process mode), else ``None``."""
+        proc = getattr(self._backend, "proc", None)
+        return None if proc is None else proc.pid
+
+    @property
+    def worker_start_s(self) -> float | None:
+        """Seconds the transfer subprocess took from spawn to ``SetupDone`` (process mode,
+        latest start), else ``None``."""
+        return getattr(self._backend, "start_s", None)
+
+    @property
+    def worker_restarts(self) -> int:
+        """How many times the transfer worker was replaced after a failure."""
+        return getattr(self._backend, "restarts", 0)
 
     def shutdown(self) -> None:
         """Stop the worker (escalating to kill past its deadline) and free shared memory.
@@ -350,6 +365,7 @@ class EplbState:
         if any_fault and not self._backend.restartable:
             self._inflight.failure = fault or "a peer rank's transfer worker is unavailable"
             return
+        torch.sum(self.load_window, dim=0, out=self._backend.load_total)
         self._backend.record_load_event()
         self._backend.send(Rebalance(rebalance_id=record.rebalance_id, step=self.step_count,
                                      phy2log=pack_int64(self._phy2log),

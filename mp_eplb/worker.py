@@ -52,20 +52,21 @@ class TransferWorker:
     ``weights[layer][i]``: this rank's live expert weights ``[local_slots, ...]`` (owned by the
     engine; read here, written only by the engine's ``move_from_buffer``).
     ``buffers[slot][i]``: staging buffers shaped like one layer's weights (owned by the engine).
-    ``load_window``: ``[window, layers, logical]`` int64 tokens per logical expert (engine writes).
+    ``load_total``: ``[layers, logical]`` int64 tokens per logical expert over the engine's
+    window, written by the engine at the rebalance request (read here only after it).
     ``group``: the workers' process group (its collectives run on tensors of
     ``collective_device``: CUDA for NCCL, CPU for gloo); ``communicator`` moves rows.
     """
 
     def __init__(self, *, topology: WorkerTopology, weights: list[list[torch.Tensor]],
-                 buffers: list[list[torch.Tensor]], load_window: torch.Tensor,
+                 buffers: list[list[torch.Tensor]], load_total: torch.Tensor,
                  group: dist.ProcessGroup, communicator: EplbCommunicator,
                  stream: torch.cuda.Stream | None,
                  collective_device: torch.device = torch.device("cpu")) -> None:
         self.topology = topology
         self.weights = weights
         self.buffers = buffers
-        self.load_window = load_window
+        self.load_total = load_total
         self.group = group
         self.communicator = communicator
         self.stream = stream
@@ -104,11 +105,7 @@ class TransferWorker:
         share its result, so every rank gets the identical plan."""
         topo = self.topology
         failpoint("plan", rebalance_id)
-        if self.stream is not None:
-            with torch.cuda.stream(self.stream):
-                local = self.load_window.sum(dim=0).cpu()
-        else:
-            local = self.load_window.sum(dim=0)
+        local = self.load_total.cpu()
         load = self._all_reduce(local.to(torch.int64).clone(), dist.ReduceOp.SUM)
         failpoint("policy", rebalance_id)
         started = time.perf_counter()
@@ -158,7 +155,7 @@ class TransferWorker:
 
 def build_worker(*, topology: WorkerTopology, communicator: str, device: torch.device,
                  weights: list[list[torch.Tensor]], buffers: list[list[torch.Tensor]],
-                 load_window: torch.Tensor, group: dist.ProcessGroup,
+                 load_total: torch.Tensor, group: dist.ProcessGroup,
                  weight_handles: list[list[dict]] | None = None) -> TransferWorker:
     """Assemble a worker: a side stream on CUDA, and the named communicator over ``group``.
 
@@ -176,5 +173,5 @@ def build_worker(*, topology: WorkerTopology, communicator: str, device: torch.d
                                  max_ops_per_batch=topology.max_ops_per_batch)
     collective_device = device if communicator == "nccl" else torch.device("cpu")
     return TransferWorker(topology=topology, weights=weights, buffers=buffers,
-                          load_window=load_window, group=group, communicator=comm,
+                          load_total=load_total, group=group, communicator=comm,
                           stream=stream, collective_device=collective_device)

@@ -67,7 +67,7 @@ def _open_setup(setup: Setup):
         torch.cuda.set_device(device)
     weights = [[handles.open_tensor(h) for h in layer] for layer in setup.weights]
     buffers = [[handles.open_tensor(h) for h in slot] for slot in setup.buffers]
-    load_window = handles.open_tensor(setup.load_window)
+    load_total = handles.open_tensor(setup.load_total)
     events = [SharedEvent.open(h) for h in setup.events]
     progress = handles.open_tensor(setup.progress, expect={"shape": (1,), "dtype": torch.int64,
                                                            "device": "cpu"})
@@ -77,7 +77,7 @@ def _open_setup(setup: Setup):
                             timeout=timedelta(seconds=setup.collective_timeout_s),
                             device_id=device if backend == "nccl" else None)
     worker = build_worker(topology=setup.topology, communicator=setup.communicator, device=device,
-                          weights=weights, buffers=buffers, load_window=load_window,
+                          weights=weights, buffers=buffers, load_total=load_total,
                           group=dist.group.WORLD, weight_handles=setup.weights)
     return worker, StreamEvents(events, setup.collective_timeout_s), progress
 

@@ -274,17 +274,16 @@ def _measured_balancer(args: argparse.Namespace, ctx: RankContext) -> tuple[Bala
     init_s = time.perf_counter() - start
     dist.barrier(group=ctx.env.cpu_group)
     after = _memory(ctx.env.device)
-    backend = getattr(balancer, "_backend", None)  # EplbState's worker backend (process/thread)
-    proc = getattr(backend, "proc", None)
+    pid = getattr(balancer, "worker_pid", None)
     setup = {
         "balancer_init_s": init_s,
-        "worker_start_s": getattr(backend, "start_s", None),
+        "worker_start_s": getattr(balancer, "worker_start_s", None),
         "gpu_extra_bytes": (None if before["gpu_free"] is None
                             else before["gpu_free"] - after["gpu_free"]),
         "rss_extra_bytes": (None if before["rss"] is None or after["rss"] is None
                             else after["rss"] - before["rss"]),
         "shm_bytes": after["shm"] - before["shm"],
-        "worker_rss_bytes": None if proc is None else _rss_bytes(proc.pid),
+        "worker_rss_bytes": None if pid is None else _rss_bytes(pid),
     }
     return balancer, setup
 
