@@ -13,6 +13,7 @@ import argparse
 import json
 
 import pytest
+import torch
 
 from mp_eplb import failpoints
 from mp_eplb.faults import (FaultOptions, ScenarioResult, add_faults_arguments, format_table,
@@ -109,6 +110,24 @@ def test_scenarios_keep_every_invariant(batch: str) -> None:
         assert "unauthenticated=7" in rows["wrong-key"].notes
     if "proxy-corrupt" in rows:
         assert "unauthenticated=1" in rows["proxy-corrupt"].notes
+
+
+@pytest.mark.gpu
+@pytest.mark.timeout(900)
+@pytest.mark.parametrize("communicator", ["cuda_ipc", "nccl"])
+def test_gpu_worker_killed_during_transfer_recovers_and_returns_gpu_memory(
+        communicator: str) -> None:
+    """Kills during a CUDA transfer (stage, ready), a hang and the parent killer, on 2 GPUs:
+    detection, consistency, recovery, and each GPU's free memory right after every kill
+    staying flat (checked by the runner; the readings are in the notes)."""
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs 2 GPUs")
+    options = FaultOptions(ranks=2, device="cuda", communicator=communicator, timeout_s=800.0,
+                           heartbeat_timeout_s=5.0, layer_timeout_s=60.0)
+    names = ["sigkill@stage", "sigsegv@stage", "sigkill@ready", "exit@plan", "hang@stage",
+             "parent-kill"]
+    rows = _check(run_scenarios(names, options))
+    assert "GPU free after kill" in rows["sigkill@stage"].notes
 
 
 # -- command line ------------------------------------------------------------------------------

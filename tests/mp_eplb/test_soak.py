@@ -2,7 +2,7 @@
 worker) on 2 CPU ranks. Each rank's RSS, open fds, /dev/shm segments and child processes
 are measured after the first restart and at the end: fds and segments must not grow, RSS
 by at most 16 MiB, no stray worker or zombie may remain, and every layer must stay
-consistent at every step. Takes about 5 minutes on 2 cores, hence ``slow``
+consistent at every step. Takes about 3 minutes on 2 cores, hence ``slow``
 (``python -m pytest tests/mp_eplb/test_soak.py -m slow``)."""
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
 def test_thousand_rebalances_with_fifty_restarts_leak_nothing() -> None:
     result = run_soak(cycles=1000, restarts=50, options=FaultOptions(ranks=2, timeout_s=1100.0))
     report = "\n".join(f"rank {rank}: {res}" for rank, res in enumerate(result.ranks))
+    print(f"soak: {result.seconds:.0f} s\n{report}")  # shown with -s
     assert not result.problems, f"{result.problems}\n{report}"
     for res in result.ranks:
         assert res["rebalances"] >= 1000 and res["restarts"] >= 50
