@@ -26,7 +26,7 @@ import torch.distributed as dist
 from ipc import handles
 from ipc.channel import Channel
 from ipc.codec import key_to_env, new_session_key
-from ipc.errors import IpcError, IpcTimeoutError
+from ipc.errors import ChannelClosedError, IpcError, IpcTimeoutError
 from ipc.events import SharedEvent
 from ipc.schema import Hello, Shutdown
 from mp_eplb.errors import WorkerStartError
@@ -246,10 +246,16 @@ class ProcessBackend(WorkerBackend):
     # -- running --------------------------------------------------------------------------
 
     def send(self, msg: Any) -> None:
-        if self.ready:
-            self.channel.send(msg)
-        else:
+        if not self.ready:
             self._pending.append(msg)
+            return
+        try:
+            self.channel.send(msg)
+        except ChannelClosedError as err:
+            # The worker is gone: alive() reports it at the next check and the rebalance is
+            # abandoned there, on every rank, instead of this step failing.
+            logger.warning("rank %d: %s not delivered: %s", self.state.rank,
+                           type(msg).__name__, err)
 
     def poll(self) -> Any | None:
         if not self.ready:
@@ -376,8 +382,6 @@ class ThreadBackend(WorkerBackend):
                                self.state.rank)
 
 
-def _thread_group(state: EplbState) -> dist.ProcessGroup | None:
-    if state.world_size == 1:
-        return None
-    backend = "nccl" if state.config.resolved_communicator(state.device.type) == "nccl" else "gloo"
-    return dist.new_group(ranks=list(range(state.world_size)), backend=backend)
+def _thread_group(state: EplbState) -> dist.ProcessGroup:
+    """A gloo group of the transfer thread's own (thread mode moves weights with gloo)."""
+    return dist.new_group(ranks=list(range(state.world_size)), backend="gloo")
