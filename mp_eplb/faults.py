@@ -508,8 +508,9 @@ def _fd_count() -> int:
 
 
 def _worker_pid(state: EplbState) -> int | None:
-    proc = getattr(state._backend, "proc", None)
-    return None if proc is None or proc.poll() is not None else proc.pid
+    """The running worker's pid (None while there is none)."""
+    pid = state.worker_pid
+    return None if pid is None or _exited(pid) else pid
 
 
 def _gpu_free_mib(device: torch.device) -> float | None:
@@ -618,11 +619,11 @@ def _batch_job(ctx: _Rank) -> dict:
     workers: set[int] = set()
     segments_at_start = len(_segments(os.getpid()))
     try:
-        warm = driver.run_until(lambda: state._next_id > 0 and not state.rebalance_active,
+        warm = driver.run_until(lambda: len(state.history) > 0 and not state.rebalance_active,
                                 options.layer_timeout_s * 3)
         warm_ok = warm and not state.history[0].aborted
         for sc, first in _schedule(ctx.spec.scenarios):
-            if not warm_ok or state._next_id != first:
+            if not warm_ok or len(state.history) != first:
                 results.append({"name": sc.name, "skipped": "schedule broken (warm-up or an "
                                 "earlier scenario did not finish)"})
                 continue
@@ -684,7 +685,7 @@ def _run_scenario(ctx: _Rank, state: EplbState, driver: _Driver, tracker: _Chann
                 armed.disarm()
 
     limit = sc.slots * (options.layer_timeout_s + options.start_timeout_s)
-    finished = driver.run_until(lambda: state._next_id > last and not state.rebalance_active,
+    finished = driver.run_until(lambda: len(state.history) > last and not state.rebalance_active,
                                 limit, each)
     if armed is not None:
         armed.disarm()
@@ -799,10 +800,10 @@ def _soak_job(ctx: _Rank) -> dict:
                          options.timeout_s)
         start = _resources(state)
         finished = driver.run_until(
-            lambda: state._next_id >= spec.cycles and not state.rebalance_active,
+            lambda: len(state.history) >= spec.cycles and not state.rebalance_active,
             options.timeout_s - (time.monotonic() - started))
         end = _resources(state)
-        restarts = state._backend.restarts
+        restarts = state.worker_restarts
     finally:
         state.shutdown()
     history = state.history
