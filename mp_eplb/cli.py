@@ -8,6 +8,7 @@ from collections.abc import Sequence
 
 from mp_eplb import __version__
 from mp_eplb.bench import add_bench_arguments, run_bench
+from mp_eplb.faults import add_faults_arguments, run_faults
 from mp_eplb.demo.launch import add_demo_arguments, run_demo
 
 
@@ -32,6 +33,12 @@ def build_parser() -> argparse.ArgumentParser:
                     "after the other, plus link and copy microbenchmarks; write the results.")
     add_bench_arguments(bench)
     bench.set_defaults(func=run_bench)
+    faults = commands.add_parser(
+        "faults", help="run fault-injection scenarios against real multi-rank runs",
+        description="Kill, hang or disturb transfer workers and their messages at each phase; "
+                    "report detection time, consistency, recovery and leftovers.")
+    add_faults_arguments(faults)
+    faults.set_defaults(func=run_faults)
     return parser
 
 

@@ -79,7 +79,19 @@ class EplbConfig:
         return dataclasses.replace(self, **changes)
 
     def resolved_communicator(self, device_type: str) -> str:
-        """The communicator to use for weights on ``device_type`` (``cpu`` or ``cuda``)."""
+        """The communicator to use for weights on ``device_type`` (``cpu`` or ``cuda``).
+
+        Thread mode moves weights with gloo only: NCCL from a second thread beside the
+        engine's own NCCL collectives deadlocked on the H200 pair (the engine's all-to-all
+        never completed; vLLM refuses NCCL in async mode for the same reason), and
+        ``cuda_ipc`` needs the weights in shareable allocations, which only process mode makes.
+        """
+        if self.mode == "thread":
+            if self.communicator not in ("auto", "gloo"):
+                raise ValueError(f"EplbConfig.communicator={self.communicator!r} is not available "
+                                 "in thread mode (NCCL beside the engine's collectives can "
+                                 "deadlock); use 'gloo', or mode 'process'")
+            return "gloo"
         if self.communicator == "auto":
             return "cuda_ipc" if device_type == "cuda" else "gloo"
         if device_type == "cpu" and self.communicator in ("cuda_ipc", "nccl"):

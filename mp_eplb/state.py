@@ -85,6 +85,8 @@ class _InFlight:
     plan: Plan | None = None
     maps: RoutingMaps | None = None
     ready: list[LayerReady] = field(default_factory=list)
+    metadata: list[TransferMetadata] = field(default_factory=list)
+    rows: dict[int, tuple[torch.Tensor, ...]] = field(default_factory=dict)
     committed: int = 0
     last_progress: float = field(default_factory=time.monotonic)
     failure: str = ""
@@ -276,7 +278,7 @@ class EplbState:
             torch.as_tensor(self._phy2log), torch.as_tensor(maps.phy2log), self.expert_weights,
             self.ep_group, rank_mapping=None)
         for layer in layers:
-            self._switch_maps(layer, maps)
+            self._switch_maps(layer, self._map_rows(maps, layer))
         if self.device.type == "cuda":
             torch.cuda.current_stream().synchronize()
         record.layers_planned = len(layers)
@@ -436,6 +438,7 @@ class EplbState:
             self._fail(flight, f"invalid plan from the transfer worker: {err}")
             return
         flight.plan, flight.maps = msg, maps
+        flight.rows = {layer: self._map_rows(maps, layer) for layer in msg.layers}
         flight.record.layers_planned = len(msg.layers)
         flight.record.policy_s = msg.policy_s
         flight.last_progress = time.monotonic()
@@ -449,11 +452,12 @@ class EplbState:
                                f"layer {msg.layer}, slot {msg.slot}; expected index {index})")
             return
         try:
-            TransferMetadata.from_wire(msg.metadata)
+            metadata = TransferMetadata.from_wire(msg.metadata)
         except ValueError as err:
             self._fail(flight, f"invalid transfer metadata for layer {msg.layer}: {err}")
             return
         flight.ready.append(msg)
+        flight.metadata.append(metadata)
         flight.last_progress = time.monotonic()
         flight.record.ready_latency_s.append(flight.last_progress - msg.sent_at)
 
@@ -487,9 +491,8 @@ class EplbState:
         msg = flight.ready[index]
         layer = msg.layer
         move_from_buffer(self.expert_weights[layer], self._backend.buffers[msg.slot],
-                         TransferMetadata.from_wire(msg.metadata),
-                         flight.maps.phy2log[layer], self.rank)
-        self._switch_maps(layer, flight.maps)
+                         flight.metadata[index], flight.maps.phy2log[layer], self.rank)
+        self._switch_maps(layer, flight.rows.pop(layer))
         self._backend.release_slot(msg.slot)
         self._backend.send(BufferFree(rebalance_id=flight.record.rebalance_id, slot=msg.slot,
                                       layer=layer, committed=True))
@@ -498,16 +501,21 @@ class EplbState:
         flight.record.commit_s.append(time.perf_counter() - t0)
         return layer
 
-    def _switch_maps(self, layer: int, maps: RoutingMaps) -> None:
-        self._phy2log[layer] = maps.phy2log[layer]
-        row = torch.as_tensor(maps.phy2log[layer])
-        self.physical_to_logical_map[layer].copy_(row, non_blocking=True)
-        self.logical_to_physical_map[layer].copy_(torch.as_tensor(maps.log2phy[layer]),
-                                                  non_blocking=True)
-        self.logical_replica_count[layer].copy_(torch.as_tensor(maps.logcnt[layer]),
-                                                non_blocking=True)
-        self._load_index[layer].copy_(row.clamp(min=0), non_blocking=True)
-        self._slot_valid[layer].copy_((row >= 0).to(torch.int64), non_blocking=True)
+    def _map_rows(self, maps: RoutingMaps, layer: int) -> tuple[torch.Tensor, ...]:
+        """Host copies of ``layer``'s new rows of every map the engine keeps on its device
+        (pinned on CUDA, prepared when the plan arrives, so the commit's copies are async)."""
+        p2l = torch.as_tensor(maps.phy2log[layer])
+        rows = (p2l, torch.as_tensor(maps.log2phy[layer]), torch.as_tensor(maps.logcnt[layer]),
+                p2l.clamp(min=0), (p2l >= 0).to(torch.int64))
+        return tuple(r.pin_memory() for r in rows) if self.device.type == "cuda" else rows
+
+    def _switch_maps(self, layer: int, rows: tuple[torch.Tensor, ...]) -> None:
+        """Switch ``layer``'s maps (queued on the current stream after its weights)."""
+        self._phy2log[layer] = rows[0].numpy()
+        for target, row in zip((self.physical_to_logical_map, self.logical_to_physical_map,
+                                self.logical_replica_count, self._load_index, self._slot_valid),
+                               rows):
+            target[layer].copy_(row, non_blocking=True)
 
     def _finish(self, flight: _InFlight) -> None:
         flight.record.end_step, flight.record.ended_at = self.step_count, time.perf_counter()

@@ -134,11 +134,16 @@ class TransferWorker:
 
         Returns when the data is complete in the buffer (the worker's stream is synchronised),
         so the engine may read it and peers may overwrite the rows this rank read from them
-        once every rank reports the layer ready.
+        once every rank reports the layer ready. Appends the transfer time to
+        ``plan.stage_s``: on CUDA the GPU time of the copies (from CUDA events, so waiting for
+        the engine's buffer-free event is excluded), on CPU the wall time.
         """
         failpoint("stage", plan.rebalance_id)
         started = time.perf_counter()
         self.communicator.set_stream(self.stream)
+        if self.stream is not None:  # GPU time of the copies, not of waiting for the engine
+            begin, end = (torch.cuda.Event(enable_timing=True) for _ in range(2))
+            begin.record(self.stream)
         metadata = move_to_buffer(
             self.num_local, plan.old_phy2log[layer], plan.maps.phy2log[layer],
             self.weights[layer], self.buffers[slot], self.stream, self.group,
@@ -146,8 +151,11 @@ class TransferWorker:
             ranks_per_node=self.topology.ranks_per_node,
             max_ops_per_batch=self.topology.max_ops_per_batch)
         if self.stream is not None:
+            end.record(self.stream)
             self.stream.synchronize()
-        plan.stage_s.append(time.perf_counter() - started)
+            plan.stage_s.append(begin.elapsed_time(end) / 1e3)
+        else:
+            plan.stage_s.append(time.perf_counter() - started)
         rows = int((~metadata.is_unchanged).sum())
         plan.bytes_staged += rows * sum(w[0].numel() * w.element_size() for w in self.weights[layer])
         return metadata

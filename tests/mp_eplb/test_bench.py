@@ -74,7 +74,7 @@ def test_cli_wires_bench_and_rejects_bad_configs(capsys: pytest.CaptureFixture[s
     assert args.func(args) == 1
     assert "'bogus' is not a cpu configuration" in capsys.readouterr().err
     assert [c.name for c in CONFIGS["cuda"]] == [
-        "none", "sync", "thread-nccl", "process-nccl", "process-cuda_ipc"]
+        "none", "sync", "thread-gloo", "process-nccl", "process-cuda_ipc"]
 
 
 def test_plot_is_skipped_with_a_warning_without_matplotlib(

@@ -36,6 +36,13 @@ def test_replace_validates_again() -> None:
         config.replace(window_size=-3)
 
 
+@pytest.mark.parametrize("communicator", ["nccl", "cuda_ipc"])
+def test_thread_mode_moves_weights_with_gloo_only(communicator: str) -> None:
+    assert EplbConfig(mode="thread").resolved_communicator("cuda") == "gloo"
+    with pytest.raises(ValueError, match="not available in thread mode"):
+        EplbConfig(mode="thread", communicator=communicator).resolved_communicator("cuda")
+
+
 def test_gpu_only_communicators_are_refused_for_cpu_weights() -> None:
     with pytest.raises(ValueError, match="needs CUDA weights"):
         EplbConfig(communicator="cuda_ipc").resolved_communicator("cpu")

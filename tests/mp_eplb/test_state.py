@@ -123,7 +123,7 @@ def test_rebalances_keep_every_layer_consistent(world: int, redundant: int, mode
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("mode,communicator", [("process", "cuda_ipc"), ("process", "nccl"),
-                                               ("process", "gloo"), ("thread", "nccl"),
+                                               ("process", "gloo"), ("thread", "gloo"),
                                                ("sync", "auto")])
 def test_rebalances_on_gpus(mode: str, communicator: str) -> None:
     world = torch.cuda.device_count()
