@@ -50,8 +50,9 @@ class CudaIpcPullCommunicator(EplbCommunicator):
 
     @classmethod
     def from_handles(cls, my_handles: list[list[dict]], group: dist.ProcessGroup, *,
-                     rank: int, world_size: int) -> CudaIpcPullCommunicator:
-        """Exchange weight handles over ``group`` (collective) and open the peers' ones."""
+                     rank: int, world_size: int, device: torch.device) -> CudaIpcPullCommunicator:
+        """Exchange weight handles over ``group`` (collective) and open the peers' ones,
+        mapped on this worker's ``device`` so the pulls run on its streams as peer DMAs."""
         blobs = all_gather_bytes(msgpack.packb(my_handles, use_bin_type=True), group)
         peers: list[list[list[torch.Tensor]] | None] = []
         for peer, blob in enumerate(blobs):
@@ -61,7 +62,8 @@ class CudaIpcPullCommunicator(EplbCommunicator):
             layers = msgpack.unpackb(blob, raw=False, max_bin_len=1 << 16)
             if not isinstance(layers, list):
                 raise ValueError(f"rank {peer} sent weight handles that are not a list of layers")
-            peers.append([[handles.open_tensor(h) for h in layer] for layer in layers])
+            peers.append([[handles.open_tensor(h, map_on=device.index) for h in layer]
+                          for layer in layers])
         logger.info("rank %d opened the weights of %d peer ranks through CUDA IPC", rank,
                     world_size - 1)
         return cls(peers)

@@ -175,7 +175,8 @@ def build_worker(*, topology: WorkerTopology, communicator: str, device: torch.d
         if weight_handles is None:
             raise ValueError("communicator 'cuda_ipc' needs this rank's weight handles")
         comm: EplbCommunicator = CudaIpcPullCommunicator.from_handles(
-            weight_handles, group, rank=topology.rank, world_size=topology.world_size)
+            weight_handles, group, rank=topology.rank, world_size=topology.world_size,
+            device=device)
     else:
         comm = make_communicator(communicator, group, stream=stream,
                                  max_ops_per_batch=topology.max_ops_per_batch)

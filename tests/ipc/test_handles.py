@@ -340,6 +340,16 @@ def cuda_consumer_child(link: Link, device: int) -> None:
     torch.cuda.synchronize()
     del view, local
     assert close_all() == 1
+    # Mapped on this GPU's context: the tensor reports our device and a copy on our stream
+    # reads the owner's GPU memory directly (a peer DMA when device != 0).
+    mapped = open_tensor(handle, map_on=device)
+    assert mapped.device == torch.device("cuda", device)
+    pulled = torch.empty(mapped.shape, dtype=dtype, device=f"cuda:{device}")
+    pulled.copy_(mapped)
+    torch.cuda.synchronize()
+    assert_same(pulled, pattern(CHILD_SHIFT, dtype, GPU_SHAPE)[GPU_VIEW])
+    del mapped, pulled
+    assert close_all() == 1
     with pytest.raises(HandleError, match="claims .* bytes but the CUDA allocation"):
         open_tensor(dict(handle, nbytes=handle["nbytes"] + (64 << 20)))
     first = time_open(handle, repeats=5)
