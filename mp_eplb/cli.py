@@ -9,7 +9,26 @@ from collections.abc import Sequence
 from mp_eplb import __version__
 from mp_eplb.bench import add_bench_arguments, run_bench
 from mp_eplb.faults import add_faults_arguments, run_faults
+
+__all__ = ["build_parser", "main"]
 from mp_eplb.demo.launch import add_demo_arguments, run_demo
+
+
+#: Subcommands: name, options, runner (args -> exit status), one-line help, description.
+_COMMANDS = (
+    ("demo", add_demo_arguments, run_demo,
+     "run the demo MoE engine with EPLB (CPU/gloo by default)",
+     "Start N rank processes of a small MoE engine with real expert parallelism; rebalance "
+     "while decoding and report what moved."),
+    ("bench", add_bench_arguments, run_bench,
+     "benchmark every EPLB mode x communicator side by side (JSON, Markdown, PNG)",
+     "Run the demo engine in each mode x communicator the device allows, one after the "
+     "other, plus link and copy microbenchmarks; write the results."),
+    ("faults", add_faults_arguments, run_faults,
+     "run fault-injection scenarios against real multi-rank runs",
+     "Kill, hang or disturb transfer workers and their messages at each phase; report "
+     "detection time, consistency, recovery and leftovers."),
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -21,24 +40,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="count", default=0,
                         help="more logging (-v info, -vv debug)")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
-    demo = commands.add_parser(
-        "demo", help="run the demo MoE engine with EPLB (CPU/gloo by default)",
-        description="Start N rank processes of a small MoE engine with real expert "
-                    "parallelism; rebalance while decoding and report what moved.")
-    add_demo_arguments(demo)
-    demo.set_defaults(func=run_demo)
-    bench = commands.add_parser(
-        "bench", help="benchmark every EPLB mode x communicator side by side (JSON, Markdown, PNG)",
-        description="Run the demo engine in each mode x communicator the device allows, one "
-                    "after the other, plus link and copy microbenchmarks; write the results.")
-    add_bench_arguments(bench)
-    bench.set_defaults(func=run_bench)
-    faults = commands.add_parser(
-        "faults", help="run fault-injection scenarios against real multi-rank runs",
-        description="Kill, hang or disturb transfer workers and their messages at each phase; "
-                    "report detection time, consistency, recovery and leftovers.")
-    add_faults_arguments(faults)
-    faults.set_defaults(func=run_faults)
+    for name, add_arguments, run, summary, description in _COMMANDS:
+        command = commands.add_parser(name, help=summary, description=description)
+        add_arguments(command)
+        command.set_defaults(func=run)
     return parser
 
 
