@@ -233,7 +233,7 @@ def test_placement_aware_never_less_balanced_and_moves_less(shape: tuple[int, ..
 def test_repair_rereplicates_an_expert_that_turned_hot() -> None:
     """Expert 15 goes from coldest to hottest and expert 0 the other way: the repair turns
     replicas into copies of 15 and changes fewer slots than relabelling DeepSeek's new packs."""
-    experts, replicas, ranks = 16, 24, 4
+    replicas, ranks = 24, 4
     base = [114, 77, 54, 52, 131, 141, 111, 123, 104, 144, 132, 50, 136, 53, 123, 68]
     before = np.array([[800] + base[1:15] + [20]], dtype=np.float64)
     after = np.array([[60] + base[1:15] + [800]], dtype=np.float64)
