@@ -26,7 +26,7 @@ import torch.distributed as dist
 from ipc import handles
 from ipc.channel import Channel
 from ipc.codec import key_to_env, new_session_key
-from ipc.errors import ChannelClosedError, IpcError, IpcTimeoutError
+from ipc.errors import ChannelClosedError, IpcError
 from ipc.events import SharedEvent
 from ipc.schema import Hello, Shutdown
 from mp_eplb.errors import WorkerStartError
