@@ -27,6 +27,8 @@ import msgpack
 import torch
 import torch.distributed as dist
 
+from ipc.procs import stop_processes
+
 from ipc.handles import SEGMENT_PREFIX, SHM_DIR
 from mp_eplb.config import COMMUNICATORS, EplbConfig
 from mp_eplb.state import EplbState
@@ -433,16 +435,7 @@ def _collect(procs: list, readers: dict[Connection, int], deadline: float,
 
 def _stop(procs: list, join_s: float) -> None:
     """Join every rank process for ``join_s`` seconds; terminate, then kill, those still running."""
-    deadline = time.monotonic() + join_s
-    for proc in procs:
-        proc.join(max(0.0, deadline - time.monotonic()))
-    for proc in procs:
-        if proc.is_alive():
-            proc.terminate()
-            proc.join(_EXIT_TIMEOUT_S)
-        if proc.is_alive():
-            proc.kill()
-            proc.join(_EXIT_TIMEOUT_S)
+    stop_processes(procs, join_s, _EXIT_TIMEOUT_S)
 
 
 def run_demo(args: argparse.Namespace) -> int:

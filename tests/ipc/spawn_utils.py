@@ -22,6 +22,8 @@ import msgpack
 import pytest
 import torch
 
+from ipc.procs import stop_processes
+
 __all__ = ["CHILD_GPUS", "JOIN_TIMEOUT_S", "RECV_TIMEOUT_S", "Link", "spawn_child"]
 
 JOIN_TIMEOUT_S = 30.0
@@ -79,10 +81,5 @@ def spawn_child(fn: Callable[..., None], *args: Any, expect_exit: int | None = 0
             detail = link.recv(0) if parent_conn.poll(0) else "(no message)"
             raise AssertionError(f"child exited with {proc.exitcode}, expected {expect_exit}: {detail}")
     finally:
-        if proc.is_alive():
-            proc.terminate()
-            proc.join(JOIN_TIMEOUT_S)
-        if proc.is_alive():
-            proc.kill()
-            proc.join(JOIN_TIMEOUT_S)
+        stop_processes([proc], 0.0, JOIN_TIMEOUT_S)
         parent_conn.close()

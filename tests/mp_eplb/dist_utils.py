@@ -27,6 +27,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from ipc.procs import stop_processes
+
 __all__ = ["DistributedRunError", "run_distributed"]
 
 _HOST = "127.0.0.1"
@@ -70,17 +72,7 @@ def _child(
 def _stop(procs: list[mp.process.BaseProcess]) -> None:
     # Children that reported exit on their own (running their atexit hooks, which release
     # shared memory); only stragglers are terminated, then killed.
-    deadline = time.monotonic() + _JOIN_TIMEOUT_S
-    for proc in procs:
-        proc.join(max(0.0, deadline - time.monotonic()))
-    for proc in procs:
-        if proc.is_alive():
-            proc.terminate()
-    for proc in procs:
-        proc.join(_JOIN_TIMEOUT_S)
-        if proc.is_alive():
-            proc.kill()
-            proc.join(_JOIN_TIMEOUT_S)
+    stop_processes(procs, _JOIN_TIMEOUT_S, _JOIN_TIMEOUT_S)
 
 
 def run_distributed(
