@@ -12,6 +12,7 @@ from ipc.errors import (AuthenticationError, ChannelClosedError, HandleError, Ip
 from ipc.events import SharedEvent
 from ipc.handles import (TensorSpec, close, close_all, export_tensor, live_segments,
                          open_tensor, release, shared_empty)
+from ipc.procs import stop_processes
 from ipc.schema import ErrorReply, Goodbye, Heartbeat, Hello, Shutdown, message
 
 __all__ = [
@@ -22,4 +23,5 @@ __all__ = [
     "TensorSpec", "shared_empty", "export_tensor", "open_tensor", "release", "close",
     "close_all", "live_segments",
     "message", "Hello", "Heartbeat", "ErrorReply", "Shutdown", "Goodbye",
+    "stop_processes",
 ]
