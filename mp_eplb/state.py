@@ -44,12 +44,12 @@ WATCH_INTERVAL_S = 0.1
 
 @dataclass(frozen=True)
 class StepReport:
-    """What one :meth:`EplbState.step` did."""
+    """What one :meth:`EplbState.step` did (the defaults: nothing)."""
 
-    committed_layers: list[int]
-    rebalance_active: bool
-    rebalance_started: bool
-    rebalance_finished: bool
+    committed_layers: list[int] = field(default_factory=list)
+    rebalance_active: bool = False
+    rebalance_started: bool = False
+    rebalance_finished: bool = False
 
 
 @dataclass

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from mp_eplb.demo.model import ConfigError, MoEConfig, MoEModel, routing_maps
+from mp_eplb.state import StepReport
 
 __all__ = [
     "Balancer",
@@ -74,16 +75,6 @@ class Balancer(Protocol):
     def step(self, load: torch.Tensor) -> BalancerReport: ...  # load [layers, num_physical]
 
     def shutdown(self) -> None: ...
-
-
-@dataclass
-class StepReport:
-    """A plain :class:`BalancerReport`."""
-
-    committed_layers: list[int] = field(default_factory=list)
-    rebalance_active: bool = False
-    rebalance_started: bool = False
-    rebalance_finished: bool = False
 
 
 class StaticBalancer:
