@@ -29,11 +29,14 @@ __all__ = [
     "ipc_open_mem_handle",
     "ipc_close_mem_handle",
     "address_range",
+    "legacy_ipc_capable",
+    "set_sync_memops",
 ]
 
 IPC_HANDLE_BYTES = 64
 _CU_IPC_MEM_LAZY_ENABLE_PEER_ACCESS = 0x1
 _CU_POINTER_ATTRIBUTE_SYNC_MEMOPS = 6
+_CU_POINTER_ATTRIBUTE_IS_LEGACY_CUDA_IPC_CAPABLE = 10
 
 _CUdeviceptr = ctypes.c_uint64
 _CUcontext = ctypes.c_void_p
@@ -85,6 +88,7 @@ def _driver() -> ctypes.CDLL:
             "cuMemAlloc_v2": [ctypes.POINTER(_CUdeviceptr), ctypes.c_size_t],
             "cuMemFree_v2": [_CUdeviceptr],
             "cuPointerSetAttribute": [ctypes.c_void_p, ctypes.c_int, _CUdeviceptr],
+            "cuPointerGetAttribute": [ctypes.c_void_p, ctypes.c_int, _CUdeviceptr],
             "cuMemGetAddressRange_v2": [ctypes.POINTER(_CUdeviceptr), ctypes.POINTER(ctypes.c_size_t),
                                         _CUdeviceptr],
             "cuIpcGetMemHandle": [ctypes.POINTER(_IpcMemHandle), _CUdeviceptr],
@@ -181,14 +185,31 @@ def mem_alloc(ordinal: int, nbytes: int) -> int:
     with _in_context(ordinal) as lib:
         ptr = _CUdeviceptr()
         _check("cuMemAlloc_v2", lib.cuMemAlloc_v2(ctypes.byref(ptr), nbytes))
-        one = ctypes.c_uint(1)
         try:
-            _check("cuPointerSetAttribute", lib.cuPointerSetAttribute(
-                ctypes.byref(one), _CU_POINTER_ATTRIBUTE_SYNC_MEMOPS, ptr.value))
+            set_sync_memops(ordinal, ptr.value)
         except CudaDriverError:
             lib.cuMemFree_v2(ptr.value)
             raise
         return ptr.value
+
+
+def set_sync_memops(ordinal: int, ptr: int) -> None:
+    """Make synchronous memory operations on the allocation at ``ptr`` always synchronize
+    (CU_POINTER_ATTRIBUTE_SYNC_MEMOPS), as the driver documentation asks for memory shared via IPC."""
+    with _in_context(ordinal) as lib:
+        one = ctypes.c_uint(1)
+        _check("cuPointerSetAttribute", lib.cuPointerSetAttribute(
+            ctypes.byref(one), _CU_POINTER_ATTRIBUTE_SYNC_MEMOPS, ptr))
+
+
+def legacy_ipc_capable(ordinal: int, ptr: int) -> bool:
+    """Whether the memory at ``ptr`` can be shared with cuIpcGetMemHandle (False for memory of
+    cuMemCreate/cuMemMap, which PyTorch's expandable segments use)."""
+    with _in_context(ordinal) as lib:
+        flag = ctypes.c_uint(0)
+        _check("cuPointerGetAttribute", lib.cuPointerGetAttribute(
+            ctypes.byref(flag), _CU_POINTER_ATTRIBUTE_IS_LEGACY_CUDA_IPC_CAPABLE, ptr))
+        return bool(flag.value)
 
 
 def mem_free(ordinal: int, ptr: int) -> None:

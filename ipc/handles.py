@@ -1,19 +1,29 @@
-"""Tensors that another process can open: named POSIX shared memory (CPU) and dedicated CUDA IPC
-allocations (GPU), exported as handles of plain data.
+"""Tensors that another process can open: unnamed shared memory (CPU) and CUDA IPC allocations
+(GPU), exported as handles of plain data.
 
-Ownership. :func:`shared_empty` makes this process the *owner* of a segment. The owner keeps it
-registered (so it can be exported and opened) until :func:`release` or interpreter exit. Releasing
-removes the name at once (a shared-memory file is unlinked; further opens fail with HandleError);
-the memory itself is returned when the last local view of it is gone (a CUDA allocation is freed then,
-so opening its handle fails from that point), so a release never leaves a dangling tensor behind.
-Consumers that die leak nothing: only the owner names segments, and it unlinks them.
+Segments. :func:`shared_empty` allocates a new one: a ``memfd`` (CPU; it never has a name in any
+file system, so an owner killed by any signal leaves nothing behind) or a dedicated ``cuMemAlloc``
+allocation (CUDA). :func:`share_storage` makes memory a tensor *already has* shareable without
+changing any address a CUDA kernel or graph may hold: a CUDA tensor of any allocator block is
+exported in place (the handle names its whole driver allocation plus the tensor's offset in it);
+a CPU tensor's *storage* moves into unlinked shared memory in place (every tensor and view on that
+storage follows, since they address it through the storage).
+
+Ownership. The owner keeps a segment registered (exportable, openable) until :func:`release` or
+interpreter exit; the registration keeps the memory alive. Releasing ends it at once (a CPU
+segment's owner-side descriptor is closed, so further opens fail with HandleError); the memory
+itself is returned when the last tensor using it is gone. Consumers that die leak nothing.
 
 Consumers. :func:`open_tensor` validates every field of a handle before it touches memory, maps each
 segment once per process and returns views of that one mapping; :func:`close` / :func:`close_all`
-drop the mapping (unmapped once the views are gone). A handle never names code to run.
+drop the mapping (unmapped once the views are gone). A CPU segment is opened through the owner's
+descriptor (``/proc/<pid>/fd/<fd>``): it must be a regular file of this user whose identity (its
+``readlink``, e.g. ``/memfd:mp_eplb_... (deleted)``) matches the handle's ``path``, so a stale or
+tampered descriptor number is refused. A handle never names code to run.
 
-Every shared-memory file is ``/dev/shm/mp_eplb_<pid>_<n>_<8 hex>`` (:data:`SEGMENT_PREFIX`), so a test
-or an operator can scan ``/dev/shm`` for leftovers.
+Segment names are ``mp_eplb_<pid>_<n>_<8 hex>`` (:data:`SEGMENT_PREFIX`). Nothing stays named in
+/dev/shm (:data:`SHM_DIR`; torch's in-place move unlinks its file inside the call): a leftover there
+is a bug.
 """
 
 from __future__ import annotations
@@ -47,12 +57,14 @@ __all__ = [
     "TensorSpec",
     "HandleTiming",
     "shared_empty",
+    "share_storage",
     "export_tensor",
     "open_tensor",
     "release",
     "close",
     "close_all",
     "live_segments",
+    "live_bytes",
     "opened_segments",
     "check_fields",
     "time_export",
@@ -63,9 +75,10 @@ logger = logging.getLogger(__name__)
 
 SEGMENT_PREFIX = "mp_eplb_"
 SHM_DIR = "/dev/shm"
-HANDLE_VERSION = 1
+HANDLE_VERSION = 2
 _MAX_DIMS = 32
 _MAX_INT = 2**62
+_MAX_PATH = 4096
 _NAME_RE = re.compile(r"mp_eplb_[0-9]{1,10}_[0-9]{1,12}_[0-9a-f]{8}\Z")
 _UUID_RE = re.compile(r"[0-9a-f]{32}\Z")
 
@@ -83,7 +96,7 @@ _COMMON_FIELDS: dict[str, type] = {
     "shape": list, "strides": list, "offset": int, "nbytes": int,
 }
 _FIELDS: dict[str, dict[str, type]] = {
-    "shm": _COMMON_FIELDS,
+    "shm": {**_COMMON_FIELDS, "fd": int, "path": str},
     "cuda": {**_COMMON_FIELDS, "ipc_handle": bytes, "device_uuid": str},
 }
 
@@ -99,7 +112,9 @@ class TensorSpec:
 
 @dataclass
 class _Segment:
-    """One mapping of a segment in this process; ``base`` (uint8, ``nbytes`` long) keeps it alive."""
+    """One mapping of a segment in this process; ``base`` (uint8, ``nbytes`` long, covering the whole
+    segment) keeps it alive. Owner side: ``fd`` is the descriptor consumers open (CPU; closed at
+    release), ``keep`` the storages of an in-place CUDA export (kept alive while registered)."""
 
     name: str
     kind: str
@@ -109,6 +124,13 @@ class _Segment:
     owner_pid: int
     ipc_handle: bytes = b""
     device_uuid: str = ""
+    fd: int = -1
+    path: str = ""
+    keep: torch.UntypedStorage | None = None
+
+    @property
+    def key(self) -> tuple[str, int, int]:
+        return _key(self.base.device.type, self.device, self.base.data_ptr())
 
 
 @dataclass(frozen=True)
@@ -126,6 +148,8 @@ class _Handle:
     nbytes: int
     ipc_handle: bytes
     device_uuid: str
+    fd: int
+    path: str
 
     @property
     def cache_key(self) -> str:
@@ -135,7 +159,7 @@ class _Handle:
 _lock = threading.RLock()
 _counter = itertools.count()
 _owned: dict[str, _Segment] = {}  # name -> segment this process allocated
-_owned_keys: dict[tuple[str, int], str] = {}  # (device type, base data_ptr) -> name
+_owned_keys: dict[tuple[str, int, int], str] = {}  # (device type, ordinal, base address) -> name
 _owned_ipc: dict[bytes, str] = {}  # CUDA IPC handle -> name
 _opened: dict[str, _Segment] = {}  # cache key -> segment opened from another process
 
@@ -189,13 +213,32 @@ def _normalize_shape(shape: int | Sequence[int]) -> tuple[int, ...]:
     return dims
 
 
+def _key(device_type: str, ordinal: int, address: int) -> tuple[str, int, int]:
+    """Registry key of a segment: its device and the address of its first byte."""
+    return device_type, ordinal, address
+
+
+def _new_name() -> str:
+    return f"{SEGMENT_PREFIX}{os.getpid()}_{next(_counter)}_{secrets.token_hex(4)}"
+
+
+def _register(segment: _Segment) -> None:
+    with _lock:
+        _owned[segment.name] = segment
+        _owned_keys[segment.key] = segment.name
+        if segment.ipc_handle:
+            _owned_ipc[segment.ipc_handle] = segment.name
+    logger.debug("registered shared segment %s (%s, %d bytes)", segment.name, segment.kind,
+                 segment.nbytes)
+
+
 def shared_empty(shape: int | Sequence[int], dtype: torch.dtype,
                  device: torch.device | str | int = "cpu") -> torch.Tensor:
     """A new contiguous, uninitialised tensor that other processes can open through :func:`export_tensor`.
 
-    CPU: a file in /dev/shm (mode 0600, pages reserved up front so a full /dev/shm fails here, not
-    later with SIGBUS). CUDA: a dedicated cuMemAlloc allocation in torch's primary context of the device,
-    so its IPC handle covers exactly this tensor. This process owns the memory until :func:`release`.
+    CPU: an unnamed ``memfd`` (pages reserved up front, so a memory limit fails here, not later with
+    SIGBUS). CUDA: a dedicated cuMemAlloc allocation in torch's primary context of the device, so its
+    IPC handle covers exactly this tensor. This process owns the memory until :func:`release`.
     """
     dims = _normalize_shape(shape)
     if dtype not in _DTYPE_NAMES:
@@ -207,19 +250,14 @@ def shared_empty(shape: int | Sequence[int], dtype: torch.dtype,
         numel *= d
     # An empty tensor still gets one element of memory: zero-byte segments cannot be mapped.
     nbytes = max(numel, 1) * itemsize
-    name = f"{SEGMENT_PREFIX}{os.getpid()}_{next(_counter)}_{secrets.token_hex(4)}"
+    name = _new_name()
     if dev.type == "cpu":
         segment = _create_shm(name, nbytes)
     elif dev.type == "cuda":
         segment = _create_cuda(name, nbytes, torch.cuda.current_device() if dev.index is None else dev.index)
     else:
         raise ValueError(f"device {dev} cannot be shared; use 'cpu' or 'cuda[:N]'")
-    with _lock:
-        _owned[name] = segment
-        _owned_keys[(segment.base.device.type, segment.base.data_ptr())] = name
-        if segment.ipc_handle:
-            _owned_ipc[segment.ipc_handle] = name
-    logger.debug("allocated shared segment %s (%s, %d bytes)", name, segment.kind, nbytes)
+    _register(segment)
     return _view(segment, dtype, dims, _contiguous_strides(dims), 0)
 
 
@@ -232,26 +270,28 @@ def _contiguous_strides(dims: tuple[int, ...]) -> tuple[int, ...]:
     return tuple(reversed(strides))
 
 
+def _fd_path(fd: int) -> str:
+    """The identity of an open file: what ``/proc/self/fd/<fd>`` links to."""
+    return os.readlink(f"/proc/self/fd/{fd}")
+
+
 def _create_shm(name: str, nbytes: int) -> _Segment:
-    path = os.path.join(SHM_DIR, name)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+    fd = os.memfd_create(name, os.MFD_CLOEXEC)
     try:
         try:
             os.posix_fallocate(fd, 0, nbytes)
         except OSError as exc:
-            if exc.errno != errno.ENOSPC:
+            if exc.errno not in (errno.ENOSPC, errno.ENOMEM):
                 raise
-            free = os.statvfs(SHM_DIR)
-            raise IpcError(f"cannot reserve {nbytes} bytes in {SHM_DIR} ({free.f_bavail * free.f_frsize} "
-                           f"free): enlarge {SHM_DIR} (e.g. docker --shm-size) or share less") from exc
+            raise IpcError(f"cannot reserve {nbytes} bytes of shared memory ({exc.strerror}): raise "
+                           f"this process's memory limit or share less") from exc
         mapping = mmap.mmap(fd, nbytes, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        path = _fd_path(fd)
     except BaseException:
-        os.unlink(path)
-        raise
-    finally:
         os.close(fd)
+        raise
     base = torch.frombuffer(mapping, dtype=torch.uint8)  # holds a reference to the mapping
-    return _Segment(name, "shm", nbytes, -1, base, os.getpid())
+    return _Segment(name, "shm", nbytes, -1, base, os.getpid(), fd=fd, path=path)
 
 
 def _create_cuda(name: str, nbytes: int, ordinal: int) -> _Segment:
@@ -267,39 +307,143 @@ def _create_cuda(name: str, nbytes: int, ordinal: int) -> _Segment:
     return _Segment(name, "cuda", nbytes, ordinal, base, os.getpid(), ipc_handle, uuid)
 
 
-def _owned_segment_of(t: torch.Tensor) -> _Segment:
+def _storage_of(t: torch.Tensor) -> torch.UntypedStorage:
     if not isinstance(t, torch.Tensor):
         raise HandleError(f"expected a torch.Tensor, got {type(t).__name__}")
     try:
-        key = (t.device.type, t.untyped_storage().data_ptr())
+        return t.untyped_storage()
     except (RuntimeError, NotImplementedError) as exc:
         raise HandleError(f"tensor has no plain storage ({exc}); allocate it with ipc.shared_empty") from exc
+
+
+def _registered(t: torch.Tensor, storage: torch.UntypedStorage) -> _Segment | None:
+    """The owned segment holding ``storage`` (a CUDA storage inside a registered allocation counts)."""
+    ordinal = t.device.index if t.device.type == "cuda" else -1
+    ptr = storage.data_ptr()
     with _lock:
-        name = _owned_keys.get(key)
-        segment = _owned.get(name) if name is not None else None
+        name = _owned_keys.get(_key(t.device.type, ordinal, ptr))
+    if name is None and t.device.type == "cuda" and ptr:
+        try:
+            base, _ = _cuda.address_range(ordinal, ptr)
+        except IpcError:
+            return None
+        with _lock:
+            name = _owned_keys.get(_key("cuda", ordinal, base))
+    with _lock:
+        return _owned.get(name) if name is not None else None
+
+
+_NOT_EXPORTABLE = (
+    "cannot export the CUDA memory of this tensor in place ({why}): CUDA IPC shares only memory of "
+    "cudaMalloc/cuMemAlloc, and PyTorch's expandable segments (cuMemCreate) are not; set "
+    "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:False before the process allocates the weights, or "
+    "allocate them with ipc.shared_empty")
+
+
+def share_storage(t: torch.Tensor) -> bool:
+    """Make the memory under ``t`` exportable by :func:`export_tensor` (for ``t`` and every view of
+    it); returns False when it already was (nothing changes then), True when this call registered it.
+
+    CUDA: nothing moves. The driver allocation holding ``t`` (any block of torch's caching allocator)
+    is registered as a segment; its IPC handle covers the whole allocation and a handle carries the
+    tensor's offset in it. Tensors of one allocation share one segment (and one handle, which a
+    consumer opens once): sharing a second one returns False. HandleError if the memory cannot be shared through CUDA IPC (expandable
+    segments): the message says what to set. CPU: the storage's bytes move into unlinked shared
+    memory *in place* (``UntypedStorage._share_fd_cpu_``): the storage object, every tensor and view
+    on it and every Parameter keep their identity and see the shared bytes; only the storage's data
+    address changes, which no CPU tensor caches. The registration keeps the storage alive until
+    :func:`release`.
+    """
+    storage = _storage_of(t)
+    if _registered(t, storage) is not None:
+        return False
+    if storage.nbytes() == 0 or not storage.data_ptr():
+        raise HandleError("an empty tensor has no memory to share")
+    if t.device.type == "cpu":
+        _register(_share_cpu_storage(storage))
+    elif t.device.type == "cuda":
+        _share_cuda_allocation(storage, t.device.index)
+    else:
+        raise HandleError(f"device {t.device} cannot be shared; use 'cpu' or 'cuda[:N]'")
+    return True
+
+
+def _share_cpu_storage(storage: torch.UntypedStorage) -> _Segment:
+    nbytes = storage.nbytes()
+    if not storage.is_shared():
+        free = os.statvfs(SHM_DIR)
+        if free.f_bavail * free.f_frsize < nbytes:
+            # torch copies the bytes into a file of SHM_DIR (unlinked at once): a full one would SIGBUS.
+            raise IpcError(f"cannot move {nbytes} bytes into shared memory: {SHM_DIR} has "
+                           f"{free.f_bavail * free.f_frsize} free; enlarge {SHM_DIR} (e.g. docker "
+                           f"--shm-size) or share less")
+    torch_fd, size = storage._share_fd_cpu_()
+    fd = os.dup(torch_fd)  # ours, closed at release; torch closes its own when the storage dies
+    try:
+        path = _fd_path(fd)
+        base = torch.empty(0, dtype=torch.uint8).set_(storage, 0, (size,), (1,))
+    except BaseException:
+        os.close(fd)
+        raise
+    return _Segment(_new_name(), "shm", size, -1, base, os.getpid(), fd=fd, path=path)
+
+
+def _share_cuda_allocation(storage: torch.UntypedStorage, ordinal: int) -> None:
+    ptr = storage.data_ptr()
+    try:
+        if not _cuda.legacy_ipc_capable(ordinal, ptr):
+            raise HandleError(_NOT_EXPORTABLE.format(why="the driver reports it not IPC-capable"))
+        base_ptr, size = _cuda.address_range(ordinal, ptr)
+        ipc_handle = _cuda.ipc_get_mem_handle(ordinal, base_ptr)
+        _cuda.set_sync_memops(ordinal, base_ptr)
+    except IpcError as exc:
+        if isinstance(exc, HandleError):
+            raise
+        raise HandleError(_NOT_EXPORTABLE.format(why=str(exc))) from exc
+    # The whole allocation as bytes, for views an owner opens of its own handle; never freed here:
+    # the memory is the allocator's. Keeping ``storage`` alive keeps the allocator from returning the
+    # allocation to the driver (and a later one at the same address from meeting a stale handle).
+    base = _wrap_device_memory(ordinal, base_ptr, size, lambda: None)
+    _register(_Segment(_new_name(), "cuda", size, ordinal, base, os.getpid(), ipc_handle,
+                       _cuda.device_uuid(ordinal), keep=storage))
+
+
+def _owned_segment_of(t: torch.Tensor) -> _Segment:
+    segment = _registered(t, _storage_of(t))
     if segment is None:
-        raise HandleError("tensor was not allocated by this process with ipc.shared_empty (or was "
-                          "released): allocate it with shared_empty(shape, dtype, device) to share it")
+        raise HandleError("tensor was not allocated by this process with ipc.shared_empty nor shared with "
+                          "ipc.share_storage (or was released): allocate it with shared_empty(shape, dtype, "
+                          "device) or call share_storage(tensor) to share it")
     return segment
 
 
 def export_tensor(t: torch.Tensor) -> dict[str, Any]:
-    """A handle to ``t`` (a tensor of :func:`shared_empty`, or any view of one) made of plain data only.
+    """A handle to ``t`` (a tensor of :func:`shared_empty` or :func:`share_storage`, or any view of one)
+    made of plain data only.
 
     Keys: version, kind ("shm"/"cuda"), name, pid (owner), device (-1 for CPU), dtype (str), shape,
-    strides and offset (elements of dtype), nbytes (segment size); CUDA adds ipc_handle (64 bytes) and
+    strides and offset (elements of dtype, from the segment's first byte), nbytes (segment size); shm
+    adds fd and path (the owner's descriptor and its identity), CUDA adds ipc_handle (64 bytes) and
     device_uuid (32 hex digits). msgpack-packable; the memory stays the owner's.
     """
     segment = _owned_segment_of(t)
     dtype_name = _DTYPE_NAMES.get(t.dtype)
     if dtype_name is None:
         raise HandleError(f"dtype {t.dtype} cannot be shared; view the tensor as one of {sorted(_DTYPES)}")
+    itemsize = t.element_size()
+    start = t.untyped_storage().data_ptr() - segment.base.data_ptr() + t.storage_offset() * itemsize
+    if start % itemsize:
+        raise HandleError(f"tensor starts {start} bytes into segment {segment.name}, not a multiple of "
+                          f"its element size {itemsize}: view it as uint8 or allocate it apart")
     handle: dict[str, Any] = {
         "version": HANDLE_VERSION, "kind": segment.kind, "name": segment.name, "pid": segment.owner_pid,
         "device": segment.device, "dtype": dtype_name, "shape": list(t.shape),
-        "strides": list(t.stride()), "offset": t.storage_offset(), "nbytes": segment.nbytes,
+        "strides": list(t.stride()), "offset": start // itemsize, "nbytes": segment.nbytes,
     }
-    if segment.kind == "cuda":
+    if segment.kind == "shm":
+        handle["fd"] = segment.fd
+        handle["path"] = segment.path
+    else:
         handle["ipc_handle"] = segment.ipc_handle
         handle["device_uuid"] = segment.device_uuid
     return handle
@@ -366,6 +510,8 @@ def _parse(handle: object) -> _Handle:
                           f"({h['dtype']}) reach byte {end * itemsize}, past the segment's {h['nbytes']} bytes")
     if kind == "shm" and h["device"] != -1:
         raise HandleError(f"shm tensor handle device must be -1 (CPU), got {h['device']}")
+    if kind == "shm" and not 0 < len(h["path"]) <= _MAX_PATH:
+        raise HandleError(f"shm tensor handle path has {len(h['path'])} characters, expected 1 to {_MAX_PATH}")
     ipc_handle = h.get("ipc_handle", b"")
     uuid = h.get("device_uuid", "")
     if kind == "cuda":
@@ -377,7 +523,7 @@ def _parse(handle: object) -> _Handle:
         if not _UUID_RE.match(uuid):
             raise HandleError(f"cuda tensor handle device_uuid {uuid!r} is not 32 lowercase hex digits")
     return _Handle(kind, h["name"], h["pid"], h["device"], dtype, shape, strides, h["offset"],
-                   h["nbytes"], ipc_handle, uuid)
+                   h["nbytes"], ipc_handle, uuid, h.get("fd", -1), h.get("path", ""))
 
 
 def _view(segment: _Segment, dtype: torch.dtype, shape: tuple[int, ...], strides: tuple[int, ...],
@@ -388,25 +534,35 @@ def _view(segment: _Segment, dtype: torch.dtype, shape: tuple[int, ...], strides
 
 
 def _open_shm(h: _Handle) -> _Segment:
-    path = os.path.join(SHM_DIR, h.name)
+    owner_fd = f"/proc/{h.pid}/fd/{h.fd}"
     try:
-        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
+        fd = os.open(owner_fd, os.O_RDWR | os.O_CLOEXEC)
     except FileNotFoundError:
         raise HandleError(f"shared-memory segment {h.name} does not exist: its owner (pid {h.pid}) "
                           f"released it or exited") from None
+    except PermissionError as exc:
+        raise HandleError(f"cannot open shared-memory segment {h.name} through {owner_fd}: {exc}; the "
+                          f"opener must run as the owner's user and the owner must stay dumpable "
+                          f"(no prctl PR_SET_DUMPABLE 0)") from exc
     except OSError as exc:
         raise HandleError(f"cannot open shared-memory segment {h.name}: {exc}") from exc
     try:
+        # The identity check runs on our own descriptor: no race with the owner closing and reusing its fd.
+        found = _fd_path(fd)
+        if found != h.path:
+            raise HandleError(f"descriptor {h.fd} of pid {h.pid} is {found!r}, not segment {h.name} "
+                              f"({h.path!r}): the handle is stale or tampered with")
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode) or st.st_uid != os.getuid():
-            raise HandleError(f"{path} is not a shared-memory file of this user")
+            raise HandleError(f"{owner_fd} is not a shared-memory file of this user")
         if st.st_size < h.nbytes or st.st_size == 0:
             raise HandleError(f"tensor handle claims {h.nbytes} bytes but segment {h.name} has "
                               f"{st.st_size}: the handle is stale or tampered with")
         mapping = mmap.mmap(fd, st.st_size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
     finally:
         os.close(fd)
-    return _Segment(h.name, "shm", st.st_size, -1, torch.frombuffer(mapping, dtype=torch.uint8), h.pid)
+    return _Segment(h.name, "shm", st.st_size, -1, torch.frombuffer(mapping, dtype=torch.uint8), h.pid,
+                    path=h.path)
 
 
 def _local_ordinal(h: _Handle) -> int:
@@ -497,7 +653,7 @@ def open_tensor(handle: Mapping[str, Any], expect: TensorSpec | Mapping[str, Any
             segment = _open_shm(h) if h.kind == "shm" else _open_cuda(h, ordinal)
             _opened[key] = segment
             logger.debug("opened shared segment %s (%s, %d bytes)", h.name, h.kind, segment.nbytes)
-    if segment.name != h.name or segment.kind != h.kind:
+    if segment.name != h.name or segment.kind != h.kind or segment.path != h.path:
         raise HandleError(f"tensor handle names segment {h.name} ({h.kind}) but its memory is segment "
                           f"{segment.name} ({segment.kind}): the handle is tampered with")
     if segment.nbytes < h.nbytes:
@@ -510,28 +666,26 @@ def open_tensor(handle: Mapping[str, Any], expect: TensorSpec | Mapping[str, Any
 
 
 def release(t: torch.Tensor) -> None:
-    """Give up ownership of the segment holding ``t`` (a tensor of :func:`shared_empty` or a view).
+    """End the registration of the segment holding ``t`` (a tensor of :func:`shared_empty` or
+    :func:`share_storage`, or a view).
 
-    The name goes at once: the /dev/shm file is unlinked and the handle can no longer be exported or
-    opened here. The memory is freed when this process's last view of it dies (for CUDA, opening the
-    handle elsewhere fails from then on). Drop ``t`` and its views after calling this, and release only
-    once consumers have closed the segment (the protocol's job): CUDA does not promise that memory
-    freed by its owner stays valid in a process that still maps it.
+    The handle can no longer be exported or opened from then on (a CPU segment's owner descriptor is
+    closed at once; a CUDA allocation of :func:`shared_empty` is freed once this process's last view of
+    it dies). Memory shared in place stays the tensor's, in place. Release only once consumers have
+    closed the segment (the protocol's job): CUDA does not promise that memory freed by its owner stays
+    valid in a process that still maps it.
     """
-    segment = _owned_segment_of(t)
-    _forget(segment)
+    _forget(_owned_segment_of(t))
 
 
 def _forget(segment: _Segment) -> None:
     with _lock:
         _owned.pop(segment.name, None)
-        _owned_keys.pop((segment.base.device.type, segment.base.data_ptr()), None)
+        _owned_keys.pop(segment.key, None)
         _owned_ipc.pop(segment.ipc_handle, None)
-    if segment.kind == "shm" and segment.owner_pid == os.getpid():
-        try:
-            os.unlink(os.path.join(SHM_DIR, segment.name))
-        except FileNotFoundError:
-            logger.warning("shared-memory segment %s was already unlinked by someone else", segment.name)
+    if segment.fd >= 0 and segment.owner_pid == os.getpid():
+        os.close(segment.fd)
+        segment.fd = -1
     logger.debug("released shared segment %s", segment.name)
 
 
@@ -558,6 +712,12 @@ def live_segments() -> list[str]:
     """Names of the segments this process owns (allocated and not yet released), sorted."""
     with _lock:
         return sorted(_owned)
+
+
+def live_bytes() -> int:
+    """Bytes of the CPU shared-memory segments this process owns (weights shared in place included)."""
+    with _lock:
+        return sum(s.nbytes for s in _owned.values() if s.kind == "shm")
 
 
 def opened_segments() -> list[str]:

@@ -139,17 +139,18 @@ def rendezvous(state: EplbState) -> str:
 class ProcessBackend(WorkerBackend):
     """A transfer subprocess (``python -m mp_eplb.worker_process``) talking over ZeroMQ.
 
-    The weights are re-homed into shareable memory; staging buffers, load window, progress
-    counter and events are allocated here and exported as handles. The session key reaches
+    The weights are shared where they are (:func:`ipc.handles.share_storage`); staging buffers,
+    load window, progress counter and events are allocated here; all are exported as handles. The session key reaches
     the child through its environment, never its command line. The first start blocks (up
     to ``start_timeout_s``); :meth:`restart` does not: the handshake advances in
     :meth:`poll`, and messages sent meanwhile are queued until the worker is set up.
     """
 
     def __init__(self, state: EplbState) -> None:
-        for layer in state.expert_weights:
-            for t in layer:
-                _rehome_shared(t)
+        # Shared in place: no weight changes address (CUDA) or storage (CPU), so views taken
+        # before, the Parameters behind them and CUDA graphs captured before all stay valid.
+        self._shared_weights = [t for layer in state.expert_weights for t in layer
+                                if handles.share_storage(t)]
         super().__init__(state, handles.shared_empty)
         self.proc: subprocess.Popen | None = None
         self.channel: Channel | None = None
@@ -312,19 +313,11 @@ class ProcessBackend(WorkerBackend):
                                                                     self.progress]:
                 handles.release(t)
             self.buffers = []
-
-
-def _rehome_shared(t: torch.Tensor) -> None:
-    """Move ``t``'s data into a shareable allocation, in place (``t`` keeps its identity)."""
-    try:
-        handles.export_tensor(t)
-        return
-    except IpcError:
-        pass
-    shared = handles.shared_empty(t.shape, t.dtype, t.device)
-    shared.copy_(t)
-    with torch.no_grad():
-        t.set_(shared)
+        # The weights stay where they are (a CPU storage stays in shared memory); only the
+        # registration ends, so the engine's tensors are freed when it drops them.
+        for t in self._shared_weights:
+            handles.release(t)
+        self._shared_weights = []
 
 
 class ThreadBackend(WorkerBackend):

@@ -96,8 +96,10 @@ class EplbState:
     """Expert-parallel load balancer of one engine rank.
 
     ``expert_weights[layer]`` is a sequence of tensors ``[num_local_slots, ...]`` (any width,
-    dtype; all on one device, contiguous). In ``process`` mode they are re-homed in place into
-    shareable allocations (the tensor objects keep their identity; their ``data`` moves).
+    dtype; all on one device, contiguous; owning tensors or views). In ``process`` mode they are
+    shared where they are (``ipc.handles.share_storage``): CUDA weights keep their addresses (CUDA
+    graphs captured before stay valid); a CPU weight's storage moves into shared memory in place,
+    so every view and Parameter on it follows.
     ``cpu_group``: a gloo group over the engine's ranks, used only for the per-step agreement
     during a rebalance and at init. ``ep_group``: the engine's device group, used by ``sync``
     mode for the transfer (defaults to ``cpu_group``).

@@ -67,9 +67,23 @@ def through_msgpack(handle: dict[str, Any]) -> dict[str, Any]:
 
 
 def shm_files(pid: int | None = None) -> set[str]:
-    """Our /dev/shm files, of one owner pid when given (other test runs may share this machine)."""
+    """Named /dev/shm files of ours, of one owner pid when given: there must never be any."""
     prefix = SEGMENT_PREFIX if pid is None else f"{SEGMENT_PREFIX}{pid}_"
     return {n for n in os.listdir(SHM_DIR) if n.startswith(prefix)}
+
+
+def segment_fds(pid: int) -> set[str]:
+    """Names of the memfd segments ``pid`` holds a descriptor of: the owner's registration, and a
+    mapping (Python's mmap keeps a duplicate) while a tensor uses it."""
+    names = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            link = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except FileNotFoundError:
+            continue
+        if link.startswith(f"/memfd:{SEGMENT_PREFIX}"):
+            names.add(link.removeprefix("/memfd:").removesuffix(" (deleted)"))
+    return names
 
 
 @pytest.fixture(autouse=True)
@@ -78,6 +92,7 @@ def no_leftovers():
     yield
     assert opened_segments() == []
     assert live_segments() == []
+    assert segment_fds(os.getpid()) == set()
     assert shm_files(os.getpid()) == set()
     assert mp.active_children() == []
 
@@ -147,7 +162,7 @@ def test_parent_opens_child_views_cached_and_gone_after_owner_exits() -> None:
     with spawn_child(owner_child) as child:
         message = child.recv()
         handles, segments = message["handles"], message["segments"]
-        assert shm_files(child.pid) == set(segments)
+        assert segment_fds(child.pid) == set(segments) and shm_files(child.pid) == set()
         for name, handle in handles.items():
             dtype = getattr(torch, name)
             assert handle["offset"] == 16 and handle["strides"] == [8, 2]
@@ -163,7 +178,7 @@ def test_parent_opens_child_views_cached_and_gone_after_owner_exits() -> None:
         assert opened_segments() == sorted(segments)
         child.send("written")
         assert child.recv() == "verified"
-    assert shm_files(child.pid) == set()  # released explicitly or at the owner's exit
+    assert not os.path.exists(f"/proc/{child.pid}") and shm_files(child.pid) == set()
     assert close(handles["uint8"]) is True
     assert close(handles["uint8"]) is False
     assert close_all() == len(DTYPES) - 1
@@ -182,7 +197,8 @@ def test_killed_consumer_leaks_nothing() -> None:
         assert child.recv() == 128.0
         os.kill(child.pid, signal.SIGKILL)
     release(t)
-    assert name not in shm_files()
+    del t  # its mapping was the last user of the memory
+    assert name not in segment_fds(os.getpid())
 
 
 def test_handle_is_plain_data_and_round_trips_msgpack() -> None:
@@ -194,6 +210,8 @@ def test_handle_is_plain_data_and_round_trips_msgpack() -> None:
         assert handle["shape"] == [3, 4] and handle["strides"] == [6, 1] and handle["offset"] == 8
         assert handle["nbytes"] == 48 and handle["device"] == -1
         assert handle["name"].startswith(f"{SEGMENT_PREFIX}{os.getpid()}_")
+        assert handle["path"] == f"/memfd:{handle['name']} (deleted)"
+        assert os.readlink(f"/proc/self/fd/{handle['fd']}") == handle["path"]
         assert live_segments() == [handle["name"]]
         same = open_tensor(through_msgpack(handle))  # the owner gets a view of its own mapping
         t.copy_(pattern(PARENT_SHIFT, torch.bfloat16, (4, 6)))
@@ -205,13 +223,19 @@ def test_handle_is_plain_data_and_round_trips_msgpack() -> None:
 
 def _mutations() -> list[tuple[str, Callable[[dict[str, Any]], Any], str]]:
     cuda_fields = {"kind": "cuda", "device": 0, "ipc_handle": bytes(64), "device_uuid": "0" * 32}
+
+    def as_cuda(h: dict[str, Any], **changes: Any) -> dict[str, Any]:
+        return {**{k: v for k, v in h.items() if k not in ("fd", "path")}, **cuda_fields, **changes}
+
+    # Another name makes the owner open its own handle like a consumer: through /proc/<pid>/fd.
+    foreign = "mp_eplb_1_999999_deadbeef"
     return [
         ("not a dict", lambda h: list(h.items()), "must be a dict"),
         ("unknown kind", lambda h: dict(h, kind="nfs"), "kind 'nfs' is unknown"),
         ("no kind", lambda h: {k: v for k, v in h.items() if k != "kind"}, "kind None is unknown"),
         ("missing field", lambda h: {k: v for k, v in h.items() if k != "strides"}, r"missing fields \['strides'\]"),
         ("extra field", lambda h: dict(h, rebuild="os:system"), r"unexpected fields \['rebuild'\]"),
-        ("version", lambda h: dict(h, version=2), "version 2 is unsupported"),
+        ("version", lambda h: dict(h, version=1), "version 1 is unsupported"),
         ("bool as int", lambda h: dict(h, offset=True), "'offset' must be int, got bool"),
         ("str shape", lambda h: dict(h, shape="3,6"), "'shape' must be list, got str"),
         ("negative offset", lambda h: dict(h, offset=-1), r"'offset' is -1, outside \[0,"),
@@ -227,11 +251,17 @@ def _mutations() -> list[tuple[str, Callable[[dict[str, Any]], Any], str]]:
         ("path traversal", lambda h: dict(h, name="../../etc/passwd"), "is not a segment name of ours"),
         ("slash in name", lambda h: dict(h, name=h["name"] + "/x"), "is not a segment name of ours"),
         ("foreign file", lambda h: dict(h, name="pym-123-abc"), "is not a segment name of ours"),
-        ("missing segment", lambda h: dict(h, name="mp_eplb_1_999999_deadbeef"), "does not exist"),
+        ("missing segment", lambda h: dict(h, name=foreign, fd=999999), "does not exist"),
+        ("dead owner", lambda h: dict(h, name=foreign, pid=2**22 + 7), "does not exist"),
+        ("other file", lambda h: dict(h, name=foreign, path="/memfd:mp_eplb_x (deleted)"),
+         "not segment .* stale or tampered"),
+        ("empty path", lambda h: dict(h, path=""), "path has 0 characters"),
+        ("fd as str", lambda h: dict(h, fd=str(h["fd"])), "'fd' must be int, got str"),
         ("cpu with device", lambda h: dict(h, device=0), "device must be -1"),
-        ("short ipc handle", lambda h: dict(h, **dict(cuda_fields, ipc_handle=b"x" * 10)), "has 10 bytes, expected 64"),
-        ("bad uuid", lambda h: dict(h, **dict(cuda_fields, device_uuid="GPU-1")), "not 32 lowercase hex"),
-        ("unknown gpu", lambda h: dict(h, **cuda_fields), "no CUDA device|cannot see"),
+        ("short ipc handle", lambda h: as_cuda(h, ipc_handle=b"x" * 10), "has 10 bytes, expected 64"),
+        ("bad uuid", lambda h: as_cuda(h, device_uuid="GPU-1"), "not 32 lowercase hex"),
+        ("cuda with fd", lambda h: dict(h, **cuda_fields), r"unexpected fields \['fd', 'path'\]"),
+        ("unknown gpu", lambda h: as_cuda(h), "no CUDA device|cannot see"),
     ]
 
 
@@ -272,7 +302,6 @@ def test_export_of_foreign_or_released_tensor_raises() -> None:
     t = shared_empty((3,), torch.float32)
     handle = export_tensor(t)
     release(t)
-    assert handle["name"] not in shm_files()
     with pytest.raises(HandleError, match="or was released"):
         export_tensor(t)
     with pytest.raises(HandleError, match="does not exist"):
