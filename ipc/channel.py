@@ -30,8 +30,11 @@ from __future__ import annotations
 import logging
 import math
 import os
+import re
 import secrets
 import shutil
+import socket as pysocket
+import stat
 import tempfile
 import time
 import weakref
@@ -46,6 +49,8 @@ from ipc.schema import ErrorReply, message_tag
 
 __all__ = [
     "Channel",
+    "PRIVATE_DIR_PREFIX",
+    "sweep_stale_dirs",
     "DEFAULT_SEND_TIMEOUT_S",
     "DEFAULT_LINGER_MS",
     "MAX_IPC_PATH_CHARS",
@@ -58,6 +63,13 @@ DEFAULT_LINGER_MS = 100
 MAX_IPC_PATH_CHARS = 107
 """Longest path an ``ipc://`` endpoint may have (``sun_path`` is 108 bytes with its NUL)."""
 _SOCKET_NAME = "ch.sock"
+PRIVATE_DIR_PREFIX = "mp_eplb-ipc-"
+"""A private socket directory is ``<tmp>/mp_eplb-ipc-<owner pid>-<random>`` (see :func:`sweep_stale_dirs`)."""
+_PRIVATE_DIR_RE = re.compile(re.escape(PRIVATE_DIR_PREFIX) + r"([0-9]{1,10})-[A-Za-z0-9_]{1,32}\Z")
+#: A private directory with no socket in it is swept only once older than this (its owner may be
+#: between creating it and binding).
+_EMPTY_DIR_GRACE_S = 60.0
+_swept = False
 _WARN_INTERVAL_S = 5.0
 _ERROR_TAG = message_tag(ErrorReply)
 
@@ -75,11 +87,20 @@ def _ipc_path(endpoint: str) -> str:
     return path
 
 
+def _tmp_bases() -> list[str]:
+    return list(dict.fromkeys((tempfile.gettempdir(), "/tmp")))
+
+
 def _private_ipc_endpoint() -> tuple[str, str]:
     """``(endpoint, dir)``: a socket path in a new 0700 directory, under $TMPDIR or, if that
-    path is too long for a unix socket, under /tmp."""
-    for base in (None, "/tmp"):
-        directory = tempfile.mkdtemp(prefix="ipc-", dir=base)
+    path is too long for a unix socket, under /tmp. The directory's name carries this pid, so
+    the next start can sweep what a killed process left (:func:`sweep_stale_dirs`)."""
+    global _swept
+    if not _swept:
+        _swept = True
+        sweep_stale_dirs()
+    for base in _tmp_bases():
+        directory = tempfile.mkdtemp(prefix=f"{PRIVATE_DIR_PREFIX}{os.getpid()}-", dir=base)
         path = os.path.join(directory, _SOCKET_NAME)
         if len(os.fsencode(path)) <= MAX_IPC_PATH_CHARS:
             return f"ipc://{path}", directory
@@ -87,6 +108,63 @@ def _private_ipc_endpoint() -> tuple[str, str]:
     raise IpcError(f"no temporary directory gives an ipc socket path of at most "
                    f"{MAX_IPC_PATH_CHARS} bytes (tried $TMPDIR and /tmp): set TMPDIR to a "
                    "short directory or bind to 'tcp'")
+
+
+def sweep_stale_dirs() -> list[str]:
+    """Remove the private socket directories that dead processes of this user left (a process
+    killed by a signal or ``os._exit`` cannot remove its own); returns what was removed.
+
+    Safe against live channels: a directory is removed only if it is this user's (owner uid, not a
+    symlink), its owner pid no longer exists here, and its socket refuses connections (nobody
+    listens: this also protects a live owner in another pid namespace that shares the directory);
+    a directory without a socket only once older than a minute. Called once per process, at its
+    first private bind.
+    """
+    removed = []
+    for base in _tmp_bases():
+        try:
+            names = os.listdir(base)
+        except OSError:
+            continue
+        for name in names:
+            match = _PRIVATE_DIR_RE.match(name)
+            path = os.path.join(base, name)
+            if match is None or not _is_stale(path, int(match.group(1))):
+                continue
+            shutil.rmtree(path, ignore_errors=True)
+            if not os.path.lexists(path):
+                removed.append(path)
+    if removed:
+        logger.info("removed %d socket directories left by dead processes: %s", len(removed),
+                    ", ".join(removed))
+    return removed
+
+
+def _is_stale(path: str, pid: int) -> bool:
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return False
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+        return False  # alive (or pid reused): keep
+    except ProcessLookupError:
+        pass
+    except PermissionError:
+        return False  # a process of another user has that pid now: keep
+    sock_path = os.path.join(path, _SOCKET_NAME)
+    if not os.path.lexists(sock_path):
+        return time.time() - st.st_mtime > _EMPTY_DIR_GRACE_S
+    with pysocket.socket(pysocket.AF_UNIX, pysocket.SOCK_STREAM) as probe:
+        try:
+            probe.connect(sock_path)
+        except ConnectionRefusedError:
+            return True  # a socket file nobody listens on
+        except OSError:
+            return False  # not a socket, or unreadable: not ours to judge
+    return False
 
 
 def _release(socket: zmq.Socket, context: zmq.Context, socket_path: str | None,

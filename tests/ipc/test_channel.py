@@ -9,6 +9,7 @@ import logging
 import os
 import random
 import select
+import socket
 import stat
 import subprocess
 import sys
@@ -20,7 +21,7 @@ import msgpack
 import pytest
 import zmq
 
-from ipc.channel import MAX_IPC_PATH_CHARS, Channel
+from ipc.channel import MAX_IPC_PATH_CHARS, PRIVATE_DIR_PREFIX, Channel, sweep_stale_dirs
 from ipc.codec import (
     MAC_BYTES,
     Codec,
@@ -345,11 +346,44 @@ def test_ipc_path_length_limit_and_fallback(key: bytes, tmp_path,
     monkeypatch.setattr(tempfile, "tempdir", str(deep))
     with Channel.bind(key) as parent:
         path = socket_path(parent)
-        assert path.startswith("/tmp/ipc-") and len(path) <= MAX_IPC_PATH_CHARS
+        assert path.startswith(f"/tmp/mp_eplb-ipc-{os.getpid()}-") and len(path) <= MAX_IPC_PATH_CHARS
     assert not os.path.exists(os.path.dirname(path))
     assert list(deep.iterdir()) == []  # the too-long private dir was removed again
     with pytest.raises(ValueError, match="endpoint must be"):
         Channel.bind(key, "udp://x")
+
+
+def _dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+@pytest.mark.timeout(60)
+def test_sweep_removes_only_dirs_of_dead_owners_that_nobody_listens_on(
+        key: bytes, tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    with Channel.bind(key) as mine:  # a live owner (this process); its first bind swept already
+        assert os.path.basename(os.path.dirname(socket_path(mine))).startswith(
+            f"{PRIVATE_DIR_PREFIX}{os.getpid()}-")
+        dead = _dead_pid()
+        stale = tmp_path / f"{PRIVATE_DIR_PREFIX}{dead}-stale"
+        stale.mkdir(mode=0o700)
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as orphan:
+            orphan.bind(str(stale / "ch.sock"))  # closed without unlink: what a killed owner leaves
+        listened = tmp_path / f"{PRIVATE_DIR_PREFIX}{dead}-listened"
+        listened.mkdir(mode=0o700)
+        young = tmp_path / f"{PRIVATE_DIR_PREFIX}{dead}-young"  # created, not bound yet
+        young.mkdir(mode=0o700)
+        foreign = tmp_path / f"ipc-{dead}-other"
+        foreign.mkdir(mode=0o700)
+        with Channel.bind(key, f"ipc://{listened}/ch.sock"):  # someone listens there
+            removed = sweep_stale_dirs()
+            assert [r for r in removed if r.startswith(str(tmp_path))] == [str(stale)]
+            assert not stale.exists()
+            assert listened.exists() and young.exists() and foreign.exists()
+            assert os.path.exists(socket_path(mine))
+    assert sorted(tmp_path.iterdir()) == sorted([listened, young, foreign])  # mine was closed
 
 
 if __name__ == "__main__":
