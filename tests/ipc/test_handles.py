@@ -18,6 +18,7 @@ import msgpack
 import pytest
 import torch
 
+from ipc import _cuda
 from ipc.errors import HandleError
 from ipc.handles import (
     SEGMENT_PREFIX,
@@ -30,6 +31,7 @@ from ipc.handles import (
     open_tensor,
     opened_segments,
     release,
+    share_storage,
     shared_empty,
     time_export,
     time_open,
@@ -137,6 +139,19 @@ def open_and_wait_child(link: Link) -> None:
     link.recv()  # never comes: the parent kills this process
 
 
+def fill_child(link: Link, device: int) -> None:
+    """Open each handle it gets (on ``device``, -1: CPU) and fill it with -1; report what it opened."""
+    if device >= 0:
+        torch.cuda.set_device(device)
+    for handle in link.recv():
+        open_tensor(handle).fill_(-1)
+    if device >= 0:
+        torch.cuda.synchronize()
+    opened = opened_segments()
+    close_all()
+    link.send({"opened": opened})
+
+
 # ----------------------------------------------------------------------------- CPU tests
 
 @pytest.mark.timeout(120)
@@ -219,6 +234,49 @@ def test_handle_is_plain_data_and_round_trips_msgpack() -> None:
         assert opened_segments() == []
     finally:
         release(t)
+
+
+@pytest.mark.timeout(120)
+def test_share_storage_moves_a_cpu_storage_in_place_so_views_and_parameters_follow() -> None:
+    param = torch.nn.Parameter(pattern(PARENT_SHIFT, torch.float32, (4, 6)), requires_grad=False)
+    view = param.view(8, 3)  # taken before sharing, like vLLM's expert-weight accessor
+    storage_id = param.untyped_storage()._cdata
+    assert share_storage(view) is True
+    assert share_storage(param) is False  # the same storage: one segment
+    assert param.untyped_storage()._cdata == storage_id and param.untyped_storage().is_shared()
+    assert view.data_ptr() == param.data_ptr()
+    assert_same(param, pattern(PARENT_SHIFT, torch.float32, (4, 6)))  # the bytes moved along
+    handle = export_tensor(view[2:6])
+    assert handle["offset"] == 6 and handle["nbytes"] == 96 and handle["kind"] == "shm"
+    assert os.readlink(f"/proc/self/fd/{handle['fd']}") == handle["path"]
+    try:
+        with spawn_child(fill_child, -1) as child:
+            child.send([handle])
+            assert child.recv()["opened"] == [handle["name"]]
+        expected = pattern(PARENT_SHIFT, torch.float32, (24,))
+        expected[6:18] = -1
+        assert_same(param.reshape(-1), expected)
+        assert_same(view.reshape(-1), expected)
+    finally:
+        release(param)
+    assert share_storage(view) is True  # registered anew: the storage stays shared, in place
+    release(view)
+    with pytest.raises(HandleError, match="an empty tensor has no memory to share"):
+        share_storage(torch.empty(0))
+
+
+def test_tampered_descriptor_number_is_refused() -> None:
+    t = shared_empty((4,), torch.float32)
+    other = shared_empty((64,), torch.float32)
+    try:
+        handle = export_tensor(t)
+        forged = dict(handle, name="mp_eplb_1_999999_deadbeef", fd=export_tensor(other)["fd"])
+        with pytest.raises(HandleError, match=r"descriptor \d+ of pid \d+ is '/memfd:mp_eplb_.*', not "
+                                              r"segment .* stale or tampered"):
+            open_tensor(forged)
+    finally:
+        release(t)
+        release(other)
 
 
 def _mutations() -> list[tuple[str, Callable[[dict[str, Any]], Any], str]]:
@@ -416,3 +474,41 @@ def _cuda_round_trip(device: int) -> None:
 def test_cuda_tensor_opened_by_child(device: int) -> None:
     """The child works on ``device``: on the peer GPU its copy out of the opened tensor is a peer pull."""
     _cuda_round_trip(device)
+
+
+@pytest.mark.gpu
+@pytest.mark.timeout(180)
+def test_cuda_share_storage_exports_allocator_blocks_in_place() -> None:
+    """Tensors of torch's caching allocator are exported where they are: same addresses, the
+    handle names their driver allocation and their offset in it; a child's writes land in them."""
+    torch.cuda.set_device(0)
+    a = torch.nn.Parameter(torch.arange(4096.0, device="cuda:0"), requires_grad=False)
+    b = torch.arange(4096.0, device="cuda:0") + 10000
+    view = a.view(64, 64)
+    ptrs = (a.data_ptr(), b.data_ptr())
+    base_a, size_a = _cuda.address_range(0, a.data_ptr())
+    same_allocation = _cuda.address_range(0, b.data_ptr()) == (base_a, size_a)
+    assert share_storage(view) is True
+    assert share_storage(b) is (not same_allocation)
+    handles = [export_tensor(view[8:16]), export_tensor(b[100:200])]
+    assert (a.data_ptr(), b.data_ptr()) == ptrs
+    assert handles[0]["offset"] == (a.data_ptr() - base_a) // 4 + 8 * 64
+    assert handles[0]["nbytes"] == size_a and handles[0]["shape"] == [8, 64]
+    if same_allocation:  # one allocation, one handle: a consumer opens it once
+        assert handles[0]["ipc_handle"] == handles[1]["ipc_handle"]
+    try:
+        with spawn_child(fill_child, 0) as child:
+            child.send(handles)
+            opened = child.recv()["opened"]
+        assert len(opened) == (1 if same_allocation else 2)
+        expected_a = torch.arange(4096.0)
+        expected_a[512:1024] = -1
+        expected_b = torch.arange(4096.0) + 10000
+        expected_b[100:200] = -1
+        assert_same(a, expected_a)
+        assert_same(view.reshape(-1), expected_a)
+        assert_same(b, expected_b)
+    finally:
+        release(a)
+        if not same_allocation:
+            release(b)
