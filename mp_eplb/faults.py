@@ -11,8 +11,10 @@ checks the invariants of ``docs/faults.md``:
   (rows encode (layer, expert)), all ranks hold identical maps, and all ranks' rebalance
   records (aborted, layers committed, commit steps) are identical;
 - **recovered**: a later rebalance completes with committed layers;
-- **leftovers**: no stray worker process or zombie, no new ``/dev/shm/mp_eplb_*`` segment, no
-  socket file of a closed channel.
+- **leftovers**: no stray worker process or zombie, no growth of the shared segments a rank
+  owns (``ipc.handles.live_segments``; none after shutdown), no socket file of a closed
+  channel, and nothing an exited rank left by name (a /dev/shm entry naming its pid, its
+  private socket directory).
 
 Scenarios of one run share the rank processes and their EplbState: they follow each other
 on a fixed schedule of rebalance ids (fault, then recovery), so the worker failpoints
@@ -50,7 +52,8 @@ import torch
 import torch.distributed as dist
 import zmq
 
-from ipc.channel import Channel
+from ipc import handles
+from ipc.channel import PRIVATE_DIR_PREFIX, Channel, sweep_stale_dirs
 from ipc.codec import MAC_BYTES, Codec, new_session_key
 from mp_eplb import backends, failpoints
 from mp_eplb.config import EplbConfig
@@ -499,8 +502,18 @@ def _stray_children(keep: int | None) -> list[str]:
     return out
 
 
-def _segments(pid: int) -> list[str]:
-    return sorted(glob.glob(f"/dev/shm/mp_eplb_{pid}_*"))
+def _segments() -> int:
+    """Shared segments this process owns (registered with ipc.handles)."""
+    return len(handles.live_segments())
+
+
+def _named_leftovers(pid: int) -> list[str]:
+    """What process ``pid`` left by name: /dev/shm entries naming it (ipc.handles names nothing
+    there; torch unlinks its own files at once) and its private socket directories."""
+    shm = [os.path.join(handles.SHM_DIR, n) for n in os.listdir(handles.SHM_DIR) if f"_{pid}_" in n]
+    dirs = [path for base in sorted({tempfile.gettempdir(), "/tmp"})
+            for path in glob.glob(os.path.join(base, f"{PRIVATE_DIR_PREFIX}{pid}-*"))]
+    return sorted(shm + dirs)
 
 
 def _fd_count() -> int:
@@ -617,7 +630,6 @@ def _batch_job(ctx: _Rank) -> dict:
     driver = _Driver(ctx, state)
     results: list[dict] = []
     workers: set[int] = set()
-    segments_at_start = len(_segments(os.getpid()))
     try:
         warm = driver.run_until(lambda: len(state.history) > 0 and not state.rebalance_active,
                                 options.layer_timeout_s * 3)
@@ -636,7 +648,7 @@ def _batch_job(ctx: _Rank) -> dict:
     stray = [pid for pid in workers if not _exited(pid)]
     return {"scenarios": results, "warm_ok": warm_ok, "violations": driver.violations,
             "final": {"stray_workers": stray, "children": _stray_children(None),
-                      "segments": len(_segments(os.getpid())) - segments_at_start,
+                      "segments": _segments(),
                       "stale_sockets": tracker.stale_sockets()},
             "gpu_free_mib": {"before_state": gpu_before, "after_shutdown": gpu_after}}
 
@@ -648,7 +660,7 @@ def _run_scenario(ctx: _Rank, state: EplbState, driver: _Driver, tracker: _Chann
     last = first + sc.slots - 1
     obs: dict[str, Any] = {"name": sc.name, "first": first, "t_error": None, "t_abandon": None,
                            "t_inject": None, "gpu_gap_mib": None}
-    before = {"segments": len(_segments(os.getpid())), "fds": _fd_count(),
+    before = {"segments": _segments(), "fds": _fd_count(),
               "stats": tracker.stats()}
     violations_before = len(driver.violations)
     last_error = state.last_error
@@ -697,7 +709,7 @@ def _run_scenario(ctx: _Rank, state: EplbState, driver: _Driver, tracker: _Chann
         violations=driver.violations[violations_before:],
         stats={k: after.get(k, 0) - before["stats"].get(k, 0) for k in after},
         leftovers={"children": _stray_children(_worker_pid(state)),
-                   "segments": len(_segments(os.getpid())) - before["segments"],
+                   "segments": _segments() - before["segments"],
                    "stale_sockets": tracker.stale_sockets(),
                    "fds": _fd_count() - before["fds"]})
     return obs
@@ -777,7 +789,7 @@ def _soak_faults(cycles: int, restarts: int, world_size: int) -> list[tuple[int,
 def _resources(state: EplbState | None) -> dict:
     with open("/proc/self/status") as f:
         rss = next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
-    return {"rss_mib": rss / 1024, "fds": _fd_count(), "segments": len(_segments(os.getpid())),
+    return {"rss_mib": rss / 1024, "fds": _fd_count(), "segments": _segments(),
             "stray_children": _stray_children(None if state is None else _worker_pid(state))}
 
 
@@ -825,7 +837,7 @@ def run_soak(cycles: int = 1000, restarts: int = 50, options: FaultOptions = Fau
     t0 = time.monotonic()
     run = _launch("soak", [], options, "", cycles=cycles, restarts=restarts)
     problems = [f"rank {r}: {e}" for r, e in sorted(run.errors.items())]
-    problems += [f"rank {r}: shm segments left after exit {names[:3]}"
+    problems += [f"rank {r}: left after exit {names[:3]}"
                  for r, names in sorted(run.segments_left.items())]
     ranks = [run.results[r] for r in sorted(run.results)]
     for rank, res in enumerate(ranks):
@@ -886,7 +898,7 @@ def _free_port() -> int:
 
 @dataclass
 class _Outcome:
-    """What a run's ranks sent (by rank) and the shm segments an exited rank left."""
+    """What a run's ranks sent (by rank) and what an exited rank left by name."""
 
     results: dict[int, dict]
     infos: dict[int, list[dict]]
@@ -945,8 +957,8 @@ def _launch(job: str, items: Sequence[Scenario], options: FaultOptions, log_path
                     proc.join(_EXIT_WAIT_S)
         for reader in readers:
             reader.close()
-    # A rank that exited (not killed by a signal) must have released every segment.
-    left = {rank: [os.path.basename(p) for p in _segments(proc.pid)]
+    # A rank that exited (not killed by a signal) must have left nothing by name.
+    left = {rank: _named_leftovers(proc.pid)
             for rank, proc in enumerate(procs) if proc.exitcode is not None and proc.exitcode >= 0}
     return _Outcome(results, infos, errors, {r: names for r, names in left.items() if names})
 
@@ -1055,28 +1067,27 @@ def _leftover_text(observed: list[dict]) -> str:
     return "; ".join(parts) or "none"
 
 
-def _evaluate_parent_kill(sc: Scenario, run: _Outcome, options: FaultOptions,
-                          segments_before: set[str]) -> ScenarioResult:
+def _evaluate_parent_kill(sc: Scenario, run: _Outcome, options: FaultOptions) -> ScenarioResult:
     victim = options.ranks - 1
     errors = {r: e for r, e in run.errors.items() if r != victim}
-    errors.update({r: f"shm segments left after exit {names[:3]}"
-                   for r, names in run.segments_left.items()})
+    errors.update({r: f"left after exit {names[:3]}" for r, names in run.segments_left.items()})
     survivor = run.results.get(0)
     info = next(iter(run.infos.get(victim, [])), None)
-    swept = _sweep_dead_owner(info, segments_before)
+    swept, left = _sweep_dead_owner(info)
     if errors or survivor is None:
         return ScenarioResult(sc.name, sc.expect, "failed", None, 1.0, False, False, swept,
                               "; ".join(f"rank {r}: {e}" for r, e in errors.items()))
     notes = [f"killed rank exited in {survivor['rank_exit_s'] or float('nan'):.4f} s",
              f"survivor shut down in {survivor['survivor_shutdown_s']:.2f} s"]
     if swept != "none":
-        notes.append(f"swept {swept} of the killed rank (its owner cannot unlink after SIGKILL)")
+        notes.append(f"swept {swept} of the killed rank, as the next start does (a SIGKILLed "
+                     "process cannot remove it)")
     detection = survivor["worker_exit_s"]
     ok_exit = detection is not None and detection <= 1.0 and survivor["victim_worker"] > 0
     notes.append(f"worker pid {survivor['victim_worker']}")
     if not ok_exit:
         notes.append("the killed rank's worker outlived it by more than 1 s")
-    stray = survivor["children"] + survivor["stale_sockets"]
+    stray = survivor["children"] + survivor["stale_sockets"] + left
     leftovers = "none" if not stray else ", ".join(stray)
     ok = (ok_exit and survivor["mid_rebalance"] and not survivor["violations"]
           and leftovers == "none")
@@ -1087,19 +1098,14 @@ def _evaluate_parent_kill(sc: Scenario, run: _Outcome, options: FaultOptions,
                           "; ".join(notes), ok)
 
 
-def _sweep_dead_owner(info: dict | None, segments_before: set[str]) -> str:
-    """Remove the SIGKILLed rank's shared-memory segments and socket directory; say what."""
+def _sweep_dead_owner(info: dict | None) -> tuple[str, list[str]]:
+    """Sweep what the SIGKILLed rank left, as the next engine start does
+    (:func:`ipc.channel.sweep_stale_dirs`): (what was swept, what its pid still names after)."""
     if info is None:
-        return "none"
-    segments = [s for s in _segments(info["pid"]) if s not in segments_before]
-    for path in segments:
-        os.unlink(path)
-    socket_path = info["endpoint"].removeprefix("ipc://")
-    parts = [f"{len(segments)} shm"] if segments else []
-    if info["endpoint"].startswith("ipc://") and os.path.exists(socket_path):
-        shutil.rmtree(os.path.dirname(socket_path), ignore_errors=True)
-        parts.append("1 socket dir")
-    return " + ".join(parts) or "none"
+        return "none", []
+    prefix = f"{PRIVATE_DIR_PREFIX}{info['pid']}-"
+    swept = [p for p in sweep_stale_dirs() if os.path.basename(p).startswith(prefix)]
+    return (f"{len(swept)} socket dir" if swept else "none"), _named_leftovers(info["pid"])
 
 
 def run_scenarios(names: Sequence[str] | None = None,
@@ -1133,9 +1139,8 @@ def run_scenarios(names: Sequence[str] | None = None,
             if not errors and len(results) == options.ranks:
                 _check_final(results, run.segments_left, batch, out)
         for sc in (s for s in chosen if s.kind == "parent_kill"):
-            before = set(glob.glob("/dev/shm/mp_eplb_*"))
             run = _launch("parent_kill", [sc], options, os.path.join(tmp, "unused"))
-            out[sc.name] = _evaluate_parent_kill(sc, run, options, before)
+            out[sc.name] = _evaluate_parent_kill(sc, run, options)
     return [out[sc.name] for sc in chosen]
 
 
@@ -1143,15 +1148,15 @@ def _check_final(results: dict[int, dict], segments_left: dict[int, list[str]],
                  batch: list[Scenario], out: dict[str, ScenarioResult]) -> None:
     """After shutdown and exit: no worker left, no segment, no socket file; else the last
     row fails."""
-    problems = [f"rank {r}: shm segments left after exit {names[:3]}"
-                for r, names in sorted(segments_left.items())]
+    problems = [f"rank {r}: left after exit {names[:3]}" for r, names in sorted(segments_left.items())]
     for rank, result in sorted(results.items()):
         final = result["final"]
         if final["stray_workers"] or final["children"]:
             left = final["stray_workers"] + final["children"]
             problems.append(f"rank {rank}: workers left {left}")
         if final["segments"] > 0:
-            problems.append(f"rank {rank}: {final['segments']} shm segments left")
+            problems.append(f"rank {rank}: {final['segments']} shared segments still owned "
+                            "after shutdown")
         if final["stale_sockets"]:
             problems.append(f"rank {rank}: socket files left {final['stale_sockets']}")
         if result["violations"] and not any(not r.consistent for r in out.values()):

@@ -154,7 +154,8 @@ def test_unknown_scenario_and_single_rank_are_refused(capsys) -> None:
 @pytest.mark.timeout(120)
 def test_cli_parent_kill_worker_exits_within_a_second(tmp_path, capsys) -> None:
     """An engine rank SIGKILLed mid-rebalance: its worker exits within 1 s, the surviving
-    rank shuts down cleanly; the killed rank's segments are swept and reported."""
+    rank shuts down cleanly; the killed rank leaves nothing in /dev/shm and its socket
+    directory is swept (as the next start does) and reported."""
     path = tmp_path / "faults.json"
     code = run_faults(_args("--scenario", CLI_SCENARIO, "--timeout", "100", "--json", str(path)))
     out = capsys.readouterr().out
@@ -163,4 +164,4 @@ def test_cli_parent_kill_worker_exits_within_a_second(tmp_path, capsys) -> None:
     assert "1/1 scenarios kept every invariant" in out
     (row,) = json.loads(path.read_text())
     assert row["name"] == CLI_SCENARIO and row["ok"] and 0 <= row["detection_s"] <= 1.0
-    assert row["leftovers"] == "none" and "swept" in row["notes"]
+    assert row["leftovers"] == "none" and "swept 1 socket dir" in row["notes"]
