@@ -1,6 +1,6 @@
 """ipc: generic transport between a process and its helper subprocess.
 
-Shared tensor handles (POSIX shared memory, dedicated CUDA IPC allocations), interprocess
+Shared tensor handles (unnamed shared memory, CUDA IPC allocations shared in place), interprocess
 CUDA events, a versioned schema of typed messages, an authenticated msgpack codec and a
 ZeroMQ channel. Knows nothing of experts.
 """
@@ -11,7 +11,7 @@ from ipc.errors import (AuthenticationError, ChannelClosedError, HandleError, Ip
                         IpcTimeoutError, ProtocolError)
 from ipc.events import SharedEvent
 from ipc.handles import (TensorSpec, close, close_all, export_tensor, live_segments,
-                         open_tensor, release, shared_empty)
+                         open_tensor, release, share_storage, shared_empty)
 from ipc.procs import stop_processes
 from ipc.schema import ErrorReply, Goodbye, Heartbeat, Hello, Shutdown, message
 
@@ -20,7 +20,7 @@ __all__ = [
     "IpcError", "HandleError", "ProtocolError", "AuthenticationError", "IpcTimeoutError",
     "ChannelClosedError",
     "SharedEvent",
-    "TensorSpec", "shared_empty", "export_tensor", "open_tensor", "release", "close",
+    "TensorSpec", "shared_empty", "share_storage", "export_tensor", "open_tensor", "release", "close",
     "close_all", "live_segments",
     "message", "Hello", "Heartbeat", "ErrorReply", "Shutdown", "Goodbye",
     "stop_processes",

@@ -27,9 +27,9 @@ import msgpack
 import torch
 import torch.distributed as dist
 
+from ipc import handles
 from ipc.procs import stop_processes
 
-from ipc.handles import SEGMENT_PREFIX, SHM_DIR
 from mp_eplb.config import COMMUNICATORS, EplbConfig
 from mp_eplb.state import EplbState
 from mp_eplb.demo.engine import (Balancer, DriftingModel, RankResult, StaticBalancer,
@@ -242,21 +242,8 @@ def _rss_bytes(pid: int) -> int | None:
         return None
 
 
-def _shm_bytes(pid: int) -> int:
-    """Bytes of the shared-memory segments ``pid`` owns (``ipc.handles`` names)."""
-    prefix, total = f"{SEGMENT_PREFIX}{pid}_", 0
-    with os.scandir(SHM_DIR) as entries:
-        for entry in entries:
-            if entry.name.startswith(prefix):
-                try:
-                    total += entry.stat().st_size
-                except FileNotFoundError:
-                    pass
-    return total
-
-
 def _memory(device: torch.device) -> dict[str, int | None]:
-    snap: dict[str, int | None] = {"rss": _rss_bytes(os.getpid()), "shm": _shm_bytes(os.getpid()),
+    snap: dict[str, int | None] = {"rss": _rss_bytes(os.getpid()), "shm": handles.live_bytes(),
                                    "gpu_free": None}
     if device.type == "cuda":
         torch.cuda.synchronize(device)
