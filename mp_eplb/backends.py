@@ -149,8 +149,14 @@ class ProcessBackend(WorkerBackend):
     def __init__(self, state: EplbState) -> None:
         # Shared in place: no weight changes address (CUDA) or storage (CPU), so views taken
         # before, the Parameters behind them and CUDA graphs captured before all stay valid.
-        self._shared_weights = [t for layer in state.expert_weights for t in layer
-                                if handles.share_storage(t)]
+        self._shared_weights: list[torch.Tensor] = []
+        try:
+            for t in (t for layer in state.expert_weights for t in layer):
+                if handles.share_storage(t):
+                    self._shared_weights.append(t)
+        except BaseException:
+            self._release_weights()
+            raise
         super().__init__(state, handles.shared_empty)
         self.proc: subprocess.Popen | None = None
         self.channel: Channel | None = None
@@ -313,8 +319,11 @@ class ProcessBackend(WorkerBackend):
                                                                     self.progress]:
                 handles.release(t)
             self.buffers = []
-        # The weights stay where they are (a CPU storage stays in shared memory); only the
-        # registration ends, so the engine's tensors are freed when it drops them.
+        self._release_weights()
+
+    def _release_weights(self) -> None:
+        """End the weights' registration; they stay where they are (a CPU storage stays in
+        shared memory) and are freed when the engine drops them."""
         for t in self._shared_weights:
             handles.release(t)
         self._shared_weights = []

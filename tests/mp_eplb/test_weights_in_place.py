@@ -175,6 +175,7 @@ def test_cuda_weights_keep_their_addresses_and_a_graph_captured_before_sees_new_
 
 def _expandable_rank(rank: int, world: int) -> str:
     os.environ["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"  # before any CUDA allocation
+    torch.cuda.memory._set_allocator_settings("expandable_segments:True")  # if already parsed
     torch.cuda.set_device(0)
     model = _Model(rank, world, torch.device("cuda:0"))
     config = EplbConfig(mode="process", communicator="cuda_ipc", num_redundant_experts=REDUNDANT)
