@@ -114,7 +114,7 @@ class TensorSpec:
 class _Segment:
     """One mapping of a segment in this process; ``base`` (uint8, ``nbytes`` long, covering the whole
     segment) keeps it alive. Owner side: ``fd`` is the descriptor consumers open (CPU; closed at
-    release), ``keep`` the storages of an in-place CUDA export (kept alive while registered)."""
+    release), ``keep`` the storage of an in-place CUDA export (kept alive while registered)."""
 
     name: str
     kind: str
@@ -347,8 +347,8 @@ def share_storage(t: torch.Tensor) -> bool:
     CUDA: nothing moves. The driver allocation holding ``t`` (any block of torch's caching allocator)
     is registered as a segment; its IPC handle covers the whole allocation and a handle carries the
     tensor's offset in it. Tensors of one allocation share one segment (and one handle, which a
-    consumer opens once): sharing a second one returns False. HandleError if the memory cannot be shared through CUDA IPC (expandable
-    segments): the message says what to set. CPU: the storage's bytes move into unlinked shared
+    consumer opens once): sharing a second one returns False. HandleError if the memory cannot be
+    shared through CUDA IPC (expandable segments): the message says what to set. CPU: the storage's bytes move into unlinked shared
     memory *in place* (``UntypedStorage._share_fd_cpu_``): the storage object, every tensor and view
     on it and every Parameter keep their identity and see the shared bytes; only the storage's data
     address changes, which no CPU tensor caches. The registration keeps the storage alive until
