@@ -310,3 +310,53 @@ def test_single_rank_runs_rebalances_without_peers() -> None:
             time.sleep(0.001)
         done = [r for r in state.history if r.end_step is not None and not r.aborted]
     assert len(done) >= 3, f"expected completed rebalances: {state.history}"
+
+
+@pytest.mark.gpu
+def test_a_negative_load_on_the_gpu_is_found_at_the_rebalance_start() -> None:
+    """CUDA weights and loads, process mode: the per-step path adds no host sync (sync debug
+    mode 'error'), the negative count is found at the rebalance start, the rebalance skipped
+    without reaching the worker, and the next one completes with weights matching the maps."""
+    device = torch.device("cuda", 0)
+    weights = [[t.to(device) for t in layer] for layer in _weights()]
+    config = EplbConfig(num_redundant_experts=2, window_size=3, step_interval=4)
+    good = torch.as_tensor(np.arange(12).reshape(2, 6) % 5, device=device)
+    bad = good.clone()
+    bad[1, 3] = -5
+    with EplbState(weights, rank=0, world_size=1, num_logical_experts=4, config=config) as state:
+        pid = state.worker_pid
+        with pytest.raises(InvalidLoadError, match=r"expert_load\[1, 3\] = -5 is negative"):
+            state.step(bad.cpu())  # a CPU load is checked at once, also beside CUDA weights
+        with pytest.raises(TypeError, match="expert_load has dtype torch.float32"):
+            state.step(good.float())
+        assert state.step_count == 0
+        torch.cuda.synchronize(device)
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            for load in (good, bad, good):
+                assert state.step(load) == state_module.StepReport()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        report = state.step(good)  # step 4: the rebalance start reads the running minimum
+        assert (report.rebalance_started, report.rebalance_finished, report.committed_layers) == (
+            True, True, [])
+        assert isinstance(state.last_error, InvalidLoadError)
+        assert str(state.last_error).startswith(
+            "expert_load held a negative token count (minimum -5) before the rebalance at step 4")
+        assert state.history[0].aborted and state.history[0].reason.startswith("skipped: ")
+        assert not state.load_window.any()
+        step = 4
+        while len(state.history) < 2 or state.history[1].end_step is None:
+            step += 1
+            assert step < 5000, f"the next rebalance did not complete: {state.history}"
+            state.step(good)
+            time.sleep(0.001)
+        assert not state.history[1].aborted
+        assert (state.worker_pid, state.worker_restarts) == (pid, 0)
+        torch.cuda.synchronize(device)
+        p2l = state.physical_to_logical_map.cpu().numpy()
+        for layer in range(2):
+            assert torch.equal(weights[layer][0].cpu(),
+                               encode_rows(layer, p2l[layer], torch.float32, (3,)))
+            assert torch.equal(weights[layer][1].cpu(),
+                               encode_rows(layer, p2l[layer], torch.uint8, (2, 2)))
