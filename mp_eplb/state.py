@@ -193,6 +193,7 @@ class EplbState:
         #: Least token count of device loads since the last rebalance start (sign checked
         #: there, not per step: no host sync per step).
         self._load_min = torch.full((1,), _NO_MINIMUM, dtype=torch.int64, device=self.device)
+        self._load_min_fed = False
         self.history: list[RebalanceRecord] = []
         self.last_error: EplbError | None = None
         self._inflight: _InFlight | None = None
@@ -323,14 +324,17 @@ class EplbState:
         load = expert_load.to(device=self.device, dtype=torch.int64, non_blocking=True)
         if expert_load.is_signed() and _sign_checked_later(expert_load):
             torch.minimum(self._load_min, load.amin().reshape(1), out=self._load_min)
+            self._load_min_fed = True
         row.zero_()
         row.scatter_add_(1, self._load_index, load * self._slot_valid)
 
     def _take_load_fault(self) -> str:
         """At a rebalance start: why this rank's window holds a negative device load ("" if
-        it does not). Reads the running minimum (8 bytes, the one host sync of this check),
-        and on a fault clears the window and sets ``last_error``."""
-        low = int(self._load_min.item())
+        it does not). Reads the running minimum if device loads fed it (8 bytes, the one host
+        sync of this check), and on a fault clears the window and sets ``last_error``."""
+        if not self._load_min_fed:
+            return ""
+        low, self._load_min_fed = int(self._load_min.item()), False
         if low >= 0:
             return ""
         self._load_min.fill_(_NO_MINIMUM)
