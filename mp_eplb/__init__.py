@@ -9,7 +9,8 @@ semantics so an engine can switch.
 from mp_eplb.communicator import (EplbCommunicator, GlooCommunicator, NcclCommunicator, RowRef,
                                   make_communicator)
 from mp_eplb.config import EplbConfig
-from mp_eplb.errors import EplbError, WorkerFailedError, WorkerStartError
+from mp_eplb.errors import (EplbError, InvalidLoadError, StateClosedError, WorkerFailedError,
+                            WorkerStartError)
 from mp_eplb.maps import RoutingMaps, maps_from_phy2log
 from mp_eplb.peer_pull import CudaIpcPullCommunicator
 from mp_eplb.policy import balancedness, rebalance_experts
@@ -22,7 +23,7 @@ __version__ = "0.1.0"
 __all__ = [
     "__version__",
     "EplbConfig", "EplbState", "StepReport", "RebalanceRecord",
-    "EplbError", "WorkerFailedError", "WorkerStartError",
+    "EplbError", "InvalidLoadError", "StateClosedError", "WorkerFailedError", "WorkerStartError",
     "rebalance_experts", "balancedness", "RoutingMaps", "maps_from_phy2log",
     "TransferMetadata", "get_ep_ranks_with_experts_batch", "move_to_buffer", "move_from_buffer",
     "transfer_layer", "rearrange_expert_weights_inplace",

@@ -241,7 +241,7 @@ class ProcessBackend(WorkerBackend):
     def _setup_message(self, rendezvous: str) -> Setup:
         s = self.state
         return Setup(
-            topology=s.topology, communicator=s.config.resolved_communicator(s.device.type),
+            topology=s.topology, communicator=s.communicator,
             rendezvous=rendezvous, device=str(s.device),
             weights=[[handles.export_tensor(t) for t in layer] for layer in s.expert_weights],
             buffers=[[handles.export_tensor(t) for t in slot] for slot in self.buffers],
@@ -337,12 +337,11 @@ class ThreadBackend(WorkerBackend):
     def __init__(self, state: EplbState) -> None:
         super().__init__(state, lambda shape, dtype, device: torch.empty(shape, dtype=dtype,
                                                                          device=device))
-        cfg = state.config
         device = state.device
         self._link, worker_link = QueueLink.pair()
         self._error: BaseException | None = None
         worker = build_worker(
-            topology=state.topology, communicator=cfg.resolved_communicator(device.type), device=device,
+            topology=state.topology, communicator=state.communicator, device=device,
             weights=state.expert_weights, buffers=self.buffers, load_total=self.load_total,
             group=_thread_group(state))
         self._thread = threading.Thread(

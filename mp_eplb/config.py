@@ -28,7 +28,8 @@ class EplbConfig:
     #: ``process``: transfer subprocess per rank (default); ``thread``: a thread in the engine
     #: process (vLLM-style baseline); ``sync``: one blocking rearrangement at the interval.
     mode: Literal["process", "thread", "sync"] = "process"
-    #: How weights move between ranks. ``auto``: ``cuda_ipc`` on CUDA, ``gloo`` on CPU.
+    #: How weights move between ranks. ``auto``: ``cuda_ipc`` on CUDA within one node,
+    #: ``nccl`` on CUDA across nodes, ``gloo`` on CPU.
     communicator: Literal["auto", "cuda_ipc", "nccl", "gloo"] = "auto"
     #: At most this many layers are switched (``move_from_buffer`` + maps) in one step.
     layers_per_step: int = 1
@@ -46,7 +47,8 @@ class EplbConfig:
     #: Seconds without worker progress (while it has work) before it is declared hung.
     heartbeat_timeout_s: float = 10.0
     #: ``tcp://host:port`` where the workers' own process group meets. ``None``: rank 0 picks
-    #: a free port on 127.0.0.1 and shares it over the engine's CPU group (single node).
+    #: a free port on 127.0.0.1 and shares it over the engine's CPU group (single node only:
+    #: process mode on more than one node needs an address every node reaches).
     rendezvous: str | None = None
     #: ZeroMQ transport between the engine and its worker: ``ipc`` (private socket dir) or ``tcp``.
     endpoint: Literal["ipc", "tcp"] = "ipc"
@@ -78,13 +80,16 @@ class EplbConfig:
         """A copy with ``changes`` applied (validated again)."""
         return dataclasses.replace(self, **changes)
 
-    def resolved_communicator(self, device_type: str) -> str:
-        """The communicator to use for weights on ``device_type`` (``cpu`` or ``cuda``).
+    def resolved_communicator(self, device_type: str, num_nodes: int = 1) -> str:
+        """The communicator to use for weights on ``device_type`` (``cpu`` or ``cuda``) across
+        ``num_nodes`` nodes (``world_size // ranks_per_node``).
 
         Thread mode moves weights with gloo only: NCCL from a second thread beside the
         engine's own NCCL collectives deadlocked on the H200 pair (the engine's all-to-all
         never completed; vLLM refuses NCCL in async mode for the same reason), and
         ``cuda_ipc`` needs the weights in shareable allocations, which only process mode makes.
+        ``cuda_ipc`` opens peers' memory, so it works within one node only: ``auto`` picks
+        ``nccl`` for CUDA weights on more than one node.
         """
         if self.mode == "thread":
             if self.communicator not in ("auto", "gloo"):
@@ -93,10 +98,16 @@ class EplbConfig:
                                  "deadlock); use 'gloo', or mode 'process'")
             return "gloo"
         if self.communicator == "auto":
-            return "cuda_ipc" if device_type == "cuda" else "gloo"
+            if device_type != "cuda":
+                return "gloo"
+            return "cuda_ipc" if num_nodes == 1 else "nccl"
         if device_type == "cpu" and self.communicator in ("cuda_ipc", "nccl"):
             raise ValueError(f"EplbConfig.communicator={self.communicator!r} needs CUDA weights; "
                              "use 'gloo' (or 'auto') for CPU weights")
+        if self.communicator == "cuda_ipc" and num_nodes > 1:
+            raise ValueError(f"EplbConfig.communicator='cuda_ipc' works within one node, but the "
+                             f"ranks span {num_nodes} nodes (EplbConfig.ranks_per_node="
+                             f"{self.ranks_per_node}); use 'nccl' (or 'auto')")
         return self.communicator
 
 

@@ -1,8 +1,10 @@
-"""Typed errors of mp_eplb. Bad arguments raise ``ValueError``; these cover runtime faults."""
+"""Typed errors of mp_eplb. Bad arguments raise ``ValueError`` or ``TypeError``; these cover
+runtime faults, a closed state and bad load counts (the last two are also ``ValueError``)."""
 
 from __future__ import annotations
 
-__all__ = ["EplbError", "WorkerFailedError", "WorkerStartError"]
+__all__ = ["EplbError", "InvalidLoadError", "StateClosedError", "WorkerFailedError",
+           "WorkerStartError"]
 
 
 class EplbError(Exception):
@@ -17,3 +19,15 @@ class WorkerStartError(EplbError):
 class WorkerFailedError(EplbError):
     """The transfer worker died, hung, or misbehaved during a rebalance. The rebalance was
     abandoned on every rank at the same step; committed layers stay and serving goes on."""
+
+
+class StateClosedError(EplbError, ValueError):
+    """:meth:`mp_eplb.EplbState.step` was called after ``shutdown()`` (like I/O on a closed
+    file). Build a new ``EplbState`` to balance again."""
+
+
+class InvalidLoadError(EplbError, ValueError):
+    """An ``expert_load`` held a negative token count. Refused by ``step()`` for a CPU load;
+    for a load on the GPU it is found at the next rebalance start (no host sync per step),
+    that rebalance is skipped on every rank and this error is the offending rank's
+    ``EplbState.last_error``."""

@@ -56,6 +56,7 @@ from ipc import handles
 from ipc.channel import PRIVATE_DIR_PREFIX, Channel, sweep_stale_dirs
 from ipc.codec import MAC_BYTES, Codec, new_session_key
 from mp_eplb import backends, failpoints
+from mp_eplb.argtypes import device, positive_float, positive_int
 from mp_eplb.config import EplbConfig
 from mp_eplb.demo.launch import init_rank_groups
 from mp_eplb.messages import RebalanceDone
@@ -1200,21 +1201,21 @@ def add_faults_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--scenario", action="append", default=None, metavar="NAME",
                         help="run this scenario (repeatable; default: all, see --list)")
     parser.add_argument("--list", action="store_true", help="list the scenarios and exit")
-    parser.add_argument("--ranks", type=int, default=defaults.ranks,
+    parser.add_argument("--ranks", type=positive_int, default=defaults.ranks,
                         help="rank processes (default %(default)s)")
-    parser.add_argument("--device", choices=("cpu", "cuda"), default=defaults.device,
+    parser.add_argument("--device", type=device, choices=("cpu", "cuda"), default=defaults.device,
                         help="cpu (gloo) or cuda (one GPU per rank)")
     parser.add_argument("--communicator", choices=("auto", "cuda_ipc", "nccl", "gloo"),
                         default=defaults.communicator,
                         help="how workers move weights (default: cuda_ipc on cuda, gloo on cpu)")
-    parser.add_argument("--timeout", type=float, default=defaults.timeout_s,
+    parser.add_argument("--timeout", type=positive_float, default=defaults.timeout_s,
                         help="seconds one run may take before its ranks are killed "
                              "(default %(default)s)")
-    parser.add_argument("--heartbeat-timeout", type=float, default=defaults.heartbeat_timeout_s,
+    parser.add_argument("--heartbeat-timeout", type=positive_float, default=defaults.heartbeat_timeout_s,
                         help="EplbConfig.heartbeat_timeout_s of the runs (default %(default)s)")
-    parser.add_argument("--layer-timeout", type=float, default=defaults.layer_timeout_s,
+    parser.add_argument("--layer-timeout", type=positive_float, default=defaults.layer_timeout_s,
                         help="EplbConfig.layer_timeout_s of the runs (default %(default)s)")
-    parser.add_argument("--detect-bound", type=float, default=defaults.detect_bound_s,
+    parser.add_argument("--detect-bound", type=positive_float, default=defaults.detect_bound_s,
                         help="seconds within which a dead worker must be detected on every "
                              "rank (default %(default)s)")
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")

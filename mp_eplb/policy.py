@@ -37,7 +37,7 @@ import torch
 
 from mp_eplb.maps import maps_from_phy2log, occurrence
 
-__all__ = ["PlacementLayout", "balancedness", "rebalance_experts"]
+__all__ = ["PlacementLayout", "balancedness", "global_policy_reason", "rebalance_experts"]
 
 logger = logging.getLogger(__name__)
 
@@ -151,6 +151,19 @@ def _layout(num_layers: int, num_experts: int, num_replicas: Any, num_groups: An
         raise ValueError(f"num_ranks ({num_ranks}) must be a multiple of num_nodes ({num_nodes}) for the "
                          f"hierarchical policy; pass the ranks of whole nodes")
     return PlacementLayout(num_layers, num_experts, num_replicas, num_groups, num_nodes, num_ranks)
+
+
+def global_policy_reason(num_groups: int, num_experts: int, num_nodes: int) -> str:
+    """Why ``num_groups`` expert groups cannot be packed whole onto ``num_nodes`` nodes, so the
+    global policy applies ("" when the hierarchical policy can use them, or when there is a
+    single group: that is the global policy anyway)."""
+    if num_groups == 1:
+        return ""
+    if num_experts % num_groups:
+        return f"num_groups={num_groups} does not divide the {num_experts} logical experts"
+    if num_groups % num_nodes:
+        return f"num_groups={num_groups} is not a multiple of the {num_nodes} nodes"
+    return ""
 
 
 # ----------------------------------------------------------------------------- small kernels

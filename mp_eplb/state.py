@@ -27,11 +27,11 @@ import torch.distributed as dist
 from ipc.schema import Goodbye
 from mp_eplb.backends import WorkerBackend, make_backend, rendezvous as _rendezvous_for
 from mp_eplb.config import EplbConfig
-from mp_eplb.errors import EplbError, WorkerFailedError
+from mp_eplb.errors import EplbError, InvalidLoadError, StateClosedError, WorkerFailedError
 from mp_eplb.maps import RoutingMaps, maps_from_phy2log, validate_phy2log
 from mp_eplb.messages import (Abort, BufferFree, LayerReady, Plan, Rebalance, RebalanceDone,
                               WorkerError, WorkerTopology, pack_int64, unpack_int64)
-from mp_eplb.policy import rebalance_experts
+from mp_eplb.policy import global_policy_reason, rebalance_experts
 from mp_eplb.transfer import TransferMetadata, move_from_buffer, rearrange_expert_weights_inplace
 
 __all__ = ["EplbState", "StepReport", "RebalanceRecord"]
@@ -40,6 +40,10 @@ logger = logging.getLogger(__name__)
 
 #: Seconds between worker health checks while no rebalance is in flight.
 WATCH_INTERVAL_S = 0.1
+#: Integer dtypes ``step()`` accepts for ``expert_load`` (token counts).
+_LOAD_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64, torch.uint16,
+                torch.uint32, torch.uint64)
+_NO_MINIMUM = torch.iinfo(torch.int64).max
 
 
 @dataclass(frozen=True)
@@ -112,10 +116,18 @@ class EplbState:
                  cpu_group: dist.ProcessGroup | None = None,
                  ep_group: dist.ProcessGroup | None = None,
                  initial_phy2log: np.ndarray | torch.Tensor | None = None) -> None:
+        if config is not None and not isinstance(config, EplbConfig):
+            raise TypeError(f"config must be an EplbConfig (or None for the defaults), got "
+                            f"{type(config).__name__}; pass EplbConfig(...)")
         self.config = config if config is not None else EplbConfig()
-        if not (isinstance(world_size, int) and world_size >= 1 and 0 <= rank < world_size):
+        if not (_is_int(world_size) and world_size >= 1 and _is_int(rank)
+                and 0 <= rank < world_size):
             raise ValueError(f"rank={rank!r} and world_size={world_size!r} must satisfy "
                              "0 <= rank < world_size")
+        for name, value in (("num_logical_experts", num_logical_experts),
+                            ("num_groups", num_groups)):
+            if not (_is_int(value) and value >= 1):
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
         if world_size > 1 and cpu_group is None:
             raise ValueError("cpu_group (a gloo group over the engine's ranks) is required "
                              "when world_size > 1")
@@ -125,7 +137,6 @@ class EplbState:
                              "engine's ranks), also for one rank; mode 'process' needs none")
         self.rank, self.world_size = rank, world_size
         self.num_logical = num_logical_experts
-        self.num_groups = num_groups
         self.cpu_group, self.ep_group = cpu_group, ep_group or cpu_group
         self.expert_weights = _validate_weights(expert_weights)
         self.device = self.expert_weights[0][0].device
@@ -144,9 +155,24 @@ class EplbState:
             raise ValueError(f"EplbConfig.ranks_per_node={ranks_per_node} must divide "
                              f"world_size={world_size}")
         self.ranks_per_node = ranks_per_node
+        num_nodes = world_size // ranks_per_node
+        if self.config.mode == "process" and num_nodes > 1 and self.config.rendezvous is None:
+            raise ValueError(f"the ranks span {num_nodes} nodes (EplbConfig.ranks_per_node="
+                             f"{ranks_per_node}) but EplbConfig.rendezvous is None; set it to "
+                             "'tcp://host:port' on a host every node reaches (the transfer "
+                             "workers' process group meets there)")
+        #: Weight communicator of the worker (``None`` in sync mode, which uses ``ep_group``).
+        self.communicator = (None if self.config.mode == "sync" else
+                             self.config.resolved_communicator(self.device.type, num_nodes))
+        why_global = global_policy_reason(num_groups, num_logical_experts, num_nodes)
+        if why_global:
+            logger.warning("rank %d: %s; the global policy is used (num_groups=1)", rank,
+                           why_global)
+        #: Expert groups the policy uses (1 when ``num_groups`` cannot be packed onto nodes).
+        self.num_groups = 1 if why_global else num_groups
         self.topology = WorkerTopology(
             rank=rank, world_size=world_size, num_logical=num_logical_experts,
-            num_groups=num_groups, num_redundant=redundant, ranks_per_node=ranks_per_node,
+            num_groups=self.num_groups, num_redundant=redundant, ranks_per_node=ranks_per_node,
             max_ops_per_batch=self.config.max_ops_per_batch)
         if initial_phy2log is None:
             initial_phy2log = np.tile(np.arange(self.num_physical) % num_logical_experts,
@@ -165,6 +191,11 @@ class EplbState:
         self._slot_valid = (self.physical_to_logical_map >= 0).to(torch.int64)
 
         self.step_count = 0
+        self._closed = False
+        #: Least token count of device loads since the last rebalance start (sign checked
+        #: there, not per step: no host sync per step).
+        self._load_min = torch.full((1,), _NO_MINIMUM, dtype=torch.int64, device=self.device)
+        self._load_min_fed = False
         self.history: list[RebalanceRecord] = []
         self.last_error: EplbError | None = None
         self._inflight: _InFlight | None = None
@@ -185,11 +216,20 @@ class EplbState:
         """Record this step's load and advance the rebalance. Call once per forward step,
         at the same point of the step on every rank.
 
-        ``expert_load``: ``[layers, physical slots]`` int64 tokens this rank routed to each
-        physical slot this step (any device is accepted; the weights' device avoids a copy).
+        ``expert_load``: ``[layers, physical slots]`` tokens this rank routed to each physical
+        slot this step: a torch tensor of an integer dtype on the CPU or the weights' device
+        (no copy), or a numpy integer array. A bad type, dtype, shape or device raises
+        ``TypeError``/``ValueError`` and a negative count on the CPU ``InvalidLoadError``,
+        before anything changes. A negative count on the GPU is found at the next rebalance
+        start (no host sync per step): every rank skips that rebalance, the offending rank
+        clears its window and its ``last_error`` is an ``InvalidLoadError``.
+        After :meth:`shutdown` this raises ``StateClosedError``.
         Committed layers have new weights and maps when this returns.
         """
-        self._record_load(expert_load)
+        if self._closed:
+            raise StateClosedError("EplbState.step() called after shutdown(); build a new "
+                                   "EplbState to balance again")
+        self._record_load(self._checked_load(expert_load))
         self.step_count += 1
         started = finished = False
         committed: list[int] = []
@@ -202,9 +242,10 @@ class EplbState:
             if self.config.mode == "sync":
                 committed = self._rearrange_now()
                 finished = True
-            else:
-                self._start()
+            elif self._start():
                 committed, finished = self._advance()
+            else:
+                finished = True
         return StepReport(committed_layers=committed,
                           rebalance_active=self._inflight is not None,
                           rebalance_started=started, rebalance_finished=finished)
@@ -232,7 +273,9 @@ class EplbState:
 
     def shutdown(self) -> None:
         """Stop the worker (escalating to kill past its deadline) and free shared memory.
-        A rebalance in flight is abandoned; committed layers stay. Idempotent."""
+        A rebalance in flight is abandoned; committed layers stay. Idempotent; ``step()``
+        afterwards raises ``StateClosedError``."""
+        self._closed = True
         if self._backend is not None:
             self._backend.close()
             self._backend = None
@@ -249,26 +292,97 @@ class EplbState:
     def _window_shape(self) -> tuple[int, int, int]:
         return (self.config.window_size, self.num_layers, self.num_logical)
 
-    def _record_load(self, expert_load: torch.Tensor) -> None:
+    def _checked_load(self, expert_load: object) -> torch.Tensor:
+        """``expert_load`` as a tensor, refused (changing nothing) unless it is integer token
+        counts of the right shape on the CPU or the weights' device, none negative on the CPU."""
+        if isinstance(expert_load, np.ndarray):
+            if expert_load.dtype.kind not in "iu":
+                raise TypeError(f"expert_load has dtype {expert_load.dtype}; pass integer token "
+                                "counts (e.g. int64)")
+            expert_load = torch.from_numpy(np.ascontiguousarray(expert_load))
+        elif not isinstance(expert_load, torch.Tensor):
+            raise TypeError(f"expert_load is a {type(expert_load).__name__}; pass a torch tensor "
+                            "or numpy array of integer token counts [layers, physical slots]")
+        elif expert_load.dtype not in _LOAD_DTYPES:
+            raise TypeError(f"expert_load has dtype {expert_load.dtype}; pass integer token "
+                            "counts (e.g. torch.int64)")
         if tuple(expert_load.shape) != (self.num_layers, self.num_physical):
             raise ValueError(f"expert_load has shape {tuple(expert_load.shape)}, expected "
                              f"({self.num_layers}, {self.num_physical}) [layers, physical slots]")
+        if expert_load.device.type != "cpu" and expert_load.device != self.device:
+            raise ValueError(f"expert_load is on {expert_load.device}; pass it on the CPU or on "
+                             f"the weights' device ({self.device})")
+        if expert_load.is_signed() and not _sign_checked_later(expert_load):
+            negative = expert_load < 0
+            if negative.any():
+                layer, slot = (int(i) for i in negative.nonzero()[0])
+                raise InvalidLoadError(
+                    f"expert_load[{layer}, {slot}] = {int(expert_load[layer, slot])} is negative "
+                    f"({int(negative.sum())} negative entries); pass token counts >= 0")
+        return expert_load
+
+    def _record_load(self, expert_load: torch.Tensor) -> None:
         row = self.load_window[self.step_count % self.config.window_size]
         load = expert_load.to(device=self.device, dtype=torch.int64, non_blocking=True)
+        if expert_load.is_signed() and _sign_checked_later(expert_load):
+            torch.minimum(self._load_min, load.amin().reshape(1), out=self._load_min)
+            self._load_min_fed = True
         row.zero_()
         row.scatter_add_(1, self._load_index, load * self._slot_valid)
+
+    def _take_load_fault(self) -> str:
+        """At a rebalance start: why this rank's window holds a negative device load ("" if
+        it does not). Reads the running minimum if device loads fed it (8 bytes, the one host
+        sync of this check), and on a fault clears the window and sets ``last_error``."""
+        if not self._load_min_fed:
+            return ""
+        low, self._load_min_fed = int(self._load_min.item()), False
+        if low >= 0:
+            return ""
+        self._load_min.fill_(_NO_MINIMUM)
+        self.load_window.zero_()
+        reason = (f"expert_load held a negative token count (minimum {low}) before the rebalance "
+                  f"at step {self.step_count}; that rebalance is skipped on every rank and this "
+                  "rank's load window cleared; pass token counts >= 0")
+        logger.error("rank %d: %s", self.rank, reason)
+        self.last_error = InvalidLoadError(reason)
+        return reason
+
+    def _agree_at_start(self, fault: str) -> tuple[bool, str]:
+        """One MAX all-reduce at a rebalance start: (any rank's worker is faulty, why this
+        rebalance is skipped: "" unless some rank's load was negative)."""
+        bad_load = self._take_load_fault()
+        flags = torch.tensor([int(bool(fault)), int(bool(bad_load))], dtype=torch.int64)
+        if self.world_size > 1:
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self.cpu_group)
+        if flags[1] and not bad_load:
+            bad_load = "a peer rank's expert_load held a negative token count"
+        return bool(flags[0]), bad_load
+
+    def _skip(self, reason: str) -> None:
+        """Record a rebalance that every rank skips at this step."""
+        now = time.perf_counter()
+        record = RebalanceRecord(self._next_id, self.step_count, now, end_step=self.step_count,
+                                 ended_at=now, layers_planned=0, aborted=True,
+                                 reason=f"skipped: {reason}")
+        self._next_id += 1
+        self.history.append(record)
+        logger.warning("rank %d skips rebalance %d: %s", self.rank, record.rebalance_id, reason)
 
     # -- sync mode --------------------------------------------------------------------------
 
     def _rearrange_now(self) -> list[int]:
+        _, bad_load = self._agree_at_start("")
+        if bad_load:
+            self._skip(bad_load)
+            return []
         record = RebalanceRecord(self._next_id, self.step_count, time.perf_counter())
         self._next_id += 1
         load = self.load_window.sum(dim=0).cpu()
         if self.world_size > 1:
             dist.all_reduce(load, group=self.cpu_group)
         t0 = time.perf_counter()
-        num_groups = self.num_groups if self.num_logical % self.num_groups == 0 else 1
-        new, _, _ = rebalance_experts(load.numpy(), self.num_physical, num_groups,
+        new, _, _ = rebalance_experts(load.numpy(), self.num_physical, self.num_groups,
                                       self.world_size // self.ranks_per_node, self.world_size,
                                       old_phy2log=self._phy2log,
                                       max_replicas=self.config.num_redundant_experts + 1)
@@ -351,15 +465,14 @@ class EplbState:
         self._worker_fault = ""
         self._progress_seen = (-1, time.monotonic())
 
-    def _start(self) -> None:
+    def _start(self) -> bool:
+        """Start a rebalance (collective); ``False`` when every rank skips it (a bad load)."""
         assert self._backend is not None
         fault = self._health()
-        if self.world_size > 1:
-            flag = torch.tensor([1 if fault else 0], dtype=torch.int64)
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.cpu_group)
-            any_fault = bool(flag.item())
-        else:
-            any_fault = bool(fault)
+        any_fault, bad_load = self._agree_at_start(fault)
+        if bad_load:
+            self._skip(bad_load)
+            return False
         if any_fault:
             self._restart_workers()
         record = RebalanceRecord(self._next_id, self.step_count, time.perf_counter())
@@ -368,12 +481,13 @@ class EplbState:
         self.history.append(record)
         if any_fault and not self._backend.restartable:
             self._inflight.failure = fault or "a peer rank's transfer worker is unavailable"
-            return
+            return True
         torch.sum(self.load_window, dim=0, out=self._backend.load_total)
         self._backend.record_load_event()
         self._backend.send(Rebalance(rebalance_id=record.rebalance_id, step=self.step_count,
                                      phy2log=pack_int64(self._phy2log),
                                      shape=list(self._phy2log.shape)))
+        return True
 
     def _advance(self) -> tuple[list[int], bool]:
         flight = self._inflight
@@ -543,6 +657,10 @@ def _validate_weights(expert_weights: Sequence[Sequence[torch.Tensor]]) -> list[
     if not layers or not layers[0]:
         raise ValueError("expert_weights must hold at least one layer with at least one tensor")
     first = layers[0]
+    if not (isinstance(first[0], torch.Tensor) and first[0].dim() >= 1):
+        shape = tuple(first[0].shape) if isinstance(first[0], torch.Tensor) else None
+        raise ValueError(f"expert_weights[0][0] must be a tensor [local slots, ...], got "
+                         f"{type(first[0]).__name__} of shape {shape}")
     for index, layer in enumerate(layers):
         if len(layer) != len(first):
             raise ValueError(f"expert_weights[{index}] has {len(layer)} tensors, layer 0 has "
@@ -562,3 +680,13 @@ def _validate_weights(expert_weights: Sequence[Sequence[torch.Tensor]]) -> list[
                 raise ValueError(f"expert_weights[{index}][{i}] is not contiguous; pass "
                                  "contiguous tensors (call .contiguous() before building the state)")
     return layers
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _sign_checked_later(load: torch.Tensor) -> bool:
+    """Whether ``load``'s sign is checked at the next rebalance start rather than at once:
+    for device loads (checking at once would sync with the host every step)."""
+    return load.device.type != "cpu"

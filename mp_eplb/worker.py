@@ -111,9 +111,8 @@ class TransferWorker:
         started = time.perf_counter()
         num_phy = old_phy2log.shape[1]
         if topo.rank == 0:
-            num_groups = topo.num_groups if topo.num_logical % topo.num_groups == 0 else 1
-            phy2log, _, _ = rebalance_experts(
-                load.numpy(), num_phy, num_groups, topo.num_nodes, topo.world_size,
+            phy2log, _, _ = rebalance_experts(  # topo.num_groups: decided by the engine
+                load.numpy(), num_phy, topo.num_groups, topo.num_nodes, topo.world_size,
                 old_phy2log=old_phy2log, max_replicas=topo.num_redundant + 1)
             new = torch.as_tensor(np.asarray(phy2log), dtype=torch.int64)
         else:

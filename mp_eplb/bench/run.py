@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from mp_eplb.argtypes import device, positive_float, positive_int
 from mp_eplb.bench.metrics import BenchConfig, add_relative, config_metrics, goals, measured
 from mp_eplb.bench.micro import MicroSpec, run_micro
 from mp_eplb.bench.output import markdown, plot
@@ -36,7 +37,8 @@ from mp_eplb.demo.launch import (DemoFailure, add_model_arguments, add_schedule_
                                  config_from_args, run_ranks)
 from mp_eplb.demo.model import ConfigError, MoEConfig
 
-__all__ = ["CONFIGS", "PRESETS", "Preset", "add_bench_arguments", "resolve_options", "run_bench"]
+__all__ = ["CONFIGS", "PRESETS", "Preset", "add_bench_arguments", "config_list",
+           "resolve_options", "run_bench"]
 
 logger = logging.getLogger(__name__)
 
@@ -88,17 +90,35 @@ _MODEL_DESTS = {"layers", "experts", "redundant", "hidden", "inter", "top_k", "t
                 "dtype"}
 
 
+def config_list(text: str) -> list[tuple[str, int | None]]:
+    """``--configs`` as ``[(name, steps or None)]``, checked at parse time: every entry is
+    ``NAME[:STEPS]`` with a configuration name of some device and a positive STEPS (whether
+    the name suits ``--device`` is checked once the options are complete)."""
+    names = list(dict.fromkeys(c.name for configs in CONFIGS.values() for c in configs))
+    chosen = []
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        name, colon, steps = item.partition(":")
+        if name not in names:
+            raise argparse.ArgumentTypeError(f"{name!r} is not a configuration; choose from "
+                                             f"{', '.join(names)}")
+        if colon and not (steps.isdigit() and int(steps) >= 1):
+            raise argparse.ArgumentTypeError(f"{item!r}: STEPS must be a positive integer, got "
+                                             f"{steps!r}")
+        chosen.append((name, int(steps) if colon else None))
+    return chosen
+
+
 def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     """Add ``mp-eplb bench``'s options to ``parser``. Unset options come from the device's
     preset (:data:`PRESETS`)."""
     run = parser.add_argument_group("bench")
-    run.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+    run.add_argument("--device", type=device, choices=("cpu", "cuda"), default="cpu",
                      help="cpu (gloo) or cuda (one GPU per rank)")
-    run.add_argument("--ranks", type=int, default=2, help="rank processes (default 2; the "
+    run.add_argument("--ranks", type=positive_int, default=2, help="rank processes (default 2; the "
                      "microbenchmarks always use 2)")
-    run.add_argument("--steps", type=int, default=None,
+    run.add_argument("--steps", type=positive_int, default=None,
                      help="decode steps per configuration (default: preset)")
-    run.add_argument("--configs", default="",
+    run.add_argument("--configs", type=config_list, default="",
                      help="comma-separated NAME[:STEPS] to run (default: all of the device: "
                           + "; ".join(f"{d}: {','.join(c.name for c in cs)}"
                                       for d, cs in CONFIGS.items()) + ")")
@@ -110,12 +130,12 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--out", type=Path, default=Path("bench-results"),
                      help="directory for bench.json, bench.md and bench.png (default %(default)s)")
     run.add_argument("--seed", type=int, default=0, help="seed of weights, tokens and routing")
-    run.add_argument("--repeats", type=int, default=10, help="microbenchmark repeats (default 10)")
+    run.add_argument("--repeats", type=positive_int, default=10, help="microbenchmark repeats (default 10)")
     run.add_argument("--no-micro", action="store_true", help="skip the microbenchmarks")
     run.add_argument("--rank-logs", action="store_true", help="show the rank processes' logs")
-    run.add_argument("--timeout", type=float, default=300.0,
+    run.add_argument("--timeout", type=positive_float, default=300.0,
                      help="seconds one configuration may take (default 300)")
-    run.add_argument("--collective-timeout", type=float, default=120.0,
+    run.add_argument("--collective-timeout", type=positive_float, default=120.0,
                      help="seconds one collective of the engine group may wait (default 120)")
     add_schedule_arguments(parser, rebalance_interval=None)
     add_model_arguments(parser, None)
@@ -161,12 +181,11 @@ def _selected(opts: argparse.Namespace) -> list[tuple[BenchConfig, int]]:
     if not opts.configs:
         return [(c, opts.steps) for c in known.values()]
     chosen = []
-    for item in opts.configs.split(","):
-        name, _, steps = item.strip().partition(":")
+    for name, steps in opts.configs:
         if name not in known:
             raise ConfigError(f"--configs: {name!r} is not a {opts.device} configuration; "
                               f"choose from {', '.join(known)}")
-        chosen.append((known[name], int(steps) if steps else opts.steps))
+        chosen.append((known[name], steps or opts.steps))
     order = list(known)
     return sorted(chosen, key=lambda item: order.index(item[0].name))
 

@@ -30,6 +30,7 @@ import torch.distributed as dist
 from ipc import handles
 from ipc.procs import stop_processes
 
+from mp_eplb.argtypes import device, non_negative_int, positive_float, positive_int
 from mp_eplb.config import COMMUNICATORS, EplbConfig
 from mp_eplb.state import EplbState
 from mp_eplb.demo.engine import (Balancer, DriftingModel, RankResult, StaticBalancer,
@@ -105,10 +106,10 @@ class RankContext:
 def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the demo's options to ``parser`` (the ``demo`` subcommand's)."""
     run = parser.add_argument_group("run")
-    run.add_argument("--ranks", type=int, default=2, help="rank processes (default 2)")
-    run.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+    run.add_argument("--ranks", type=positive_int, default=2, help="rank processes (default 2)")
+    run.add_argument("--device", type=device, choices=("cpu", "cuda"), default="cpu",
                      help="cpu (gloo) or cuda (NCCL, one GPU per rank)")
-    run.add_argument("--steps", type=int, default=430, help="decode steps (default 430)")
+    run.add_argument("--steps", type=positive_int, default=430, help="decode steps (default 430)")
     run.add_argument("--seed", type=int, default=0, help="seed of weights, tokens and routing")
     run.add_argument("--verify", action="store_true",
                      help="check every layer's output against a dense reference at every step")
@@ -120,11 +121,11 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
                      help="how weights move: auto (cuda_ipc on GPUs, gloo on CPU), cuda_ipc, "
                           "nccl, gloo")
     run.add_argument("--quiet", action="store_true", help="no progress lines")
-    run.add_argument("--progress-every", type=int, default=0,
+    run.add_argument("--progress-every", type=non_negative_int, default=0,
                      help="steps between progress lines (default: steps / 10)")
-    run.add_argument("--timeout", type=float, default=600.0,
+    run.add_argument("--timeout", type=positive_float, default=600.0,
                      help="seconds the whole run may take before it is stopped (default 600)")
-    run.add_argument("--collective-timeout", type=float, default=120.0,
+    run.add_argument("--collective-timeout", type=positive_float, default=120.0,
                      help="seconds one collective of the engine group may wait (default 120)")
     add_schedule_arguments(parser, rebalance_interval=50)
     add_model_arguments(parser, MoEConfig(drift_interval=175))
@@ -134,11 +135,11 @@ def add_schedule_arguments(parser: argparse.ArgumentParser, *,
                            rebalance_interval: int | None) -> None:
     """``--window``, ``--layers-per-step``, ``--rebalance-interval`` (``None``: no default)."""
     group = parser.add_argument_group("rebalancing")
-    group.add_argument("--window", type=int, default=0,
+    group.add_argument("--window", type=non_negative_int, default=0,
                        help="steps of load the policy reads (default: the rebalance interval)")
-    group.add_argument("--layers-per-step", type=int, default=1,
+    group.add_argument("--layers-per-step", type=positive_int, default=1,
                        help="layers switched per step at most (default 1)")
-    group.add_argument("--rebalance-interval", type=int, default=rebalance_interval,
+    group.add_argument("--rebalance-interval", type=positive_int, default=rebalance_interval,
                        help="steps between rebalances (default %(default)s)")
 
 
@@ -147,22 +148,23 @@ def add_model_arguments(parser: argparse.ArgumentParser, default: MoEConfig | No
     (the caller fills them, e.g. from a per-device preset)."""
     model = parser.add_argument_group("model")
     base = default or MoEConfig()
-    for flag, name, text in (
-            ("--layers", "num_layers", "MoE layers"),
-            ("--experts", "num_experts", "logical experts per layer"),
-            ("--redundant", "num_redundant", "redundant physical slots per layer"),
-            ("--hidden", "hidden", "hidden size"),
-            ("--inter", "inter", "expert intermediate size"),
-            ("--top-k", "top_k", "experts per token"),
-            ("--tokens", "tokens_per_rank", "tokens per rank per step"),
+    for flag, name, text, kind in (
+            ("--layers", "num_layers", "MoE layers", positive_int),
+            ("--experts", "num_experts", "logical experts per layer", positive_int),
+            ("--redundant", "num_redundant", "redundant physical slots per layer",
+             non_negative_int),
+            ("--hidden", "hidden", "hidden size", positive_int),
+            ("--inter", "inter", "expert intermediate size", positive_int),
+            ("--top-k", "top_k", "experts per token", positive_int),
+            ("--tokens", "tokens_per_rank", "tokens per rank per step", positive_int),
             ("--drift-interval", "drift_interval",
-             "steps between changes of each layer's hot experts")):
-        model.add_argument(flag, type=int, default=getattr(default, name, None),
+             "steps between changes of each layer's hot experts", positive_int)):
+        model.add_argument(flag, type=kind, default=getattr(default, name, None),
                            help=f"{text} (default {getattr(base, name) if default else 'preset'})")
     model.add_argument("--zipf", type=float, default=getattr(default, "zipf", None),
                        help="routing skew: Zipf exponent of the router bias "
                             f"(default {base.zipf if default else 'preset'})")
-    model.add_argument("--drift-swaps", type=int, default=0 if default else None,
+    model.add_argument("--drift-swaps", type=non_negative_int, default=0 if default else None,
                        help="drift amount: expert pairs whose popularity swaps at each drift "
                             "(0: the hot set is redrawn whole; default "
                             f"{0 if default else 'preset'})")
@@ -170,7 +172,7 @@ def add_model_arguments(parser: argparse.ArgumentParser, default: MoEConfig | No
                        help="steps by which the drifts come early (the first is at "
                             "drift interval - offset; default "
                             f"{0 if default else 'preset'})")
-    model.add_argument("--token-period", type=int, default=0 if default else None,
+    model.add_argument("--token-period", type=non_negative_int, default=0 if default else None,
                        help="steps after which the decode batches repeat, so loads repeat "
                             f"(0: never; default {0 if default else 'preset'})")
     model.add_argument("--dtype", choices=tuple(_DTYPES), default="float32" if default else None,

@@ -50,7 +50,7 @@ def _finite_numbers(value: object) -> bool:
     return not isinstance(value, float) or math.isfinite(value)
 
 
-def test_options_come_from_the_device_preset() -> None:
+def test_options_come_from_the_device_preset(monkeypatch: pytest.MonkeyPatch) -> None:
     opts = resolve_options(_args("--quick"))
     cpu = PRESETS["cpu"]
     assert (opts.steps, opts.rebalance_interval, opts.drift_interval) == (
@@ -59,6 +59,7 @@ def test_options_come_from_the_device_preset() -> None:
         cpu.drift_swaps, cpu.token_period, cpu.model["hidden"])
     half = cpu.rebalance_interval // 2  # drifts half an interval before each rebalance
     assert (opts.drift_offset, opts.window) == (half, half)
+    monkeypatch.setattr("torch.cuda.is_available", lambda: True)  # --device cuda parses here
     stress = resolve_options(_args("--device", "cuda", "--stress", "--steps", "100"))
     assert (stress.drift_swaps, stress.hidden, stress.inter, stress.dtype) == (
         0, 7168, 2048, "bfloat16")
@@ -70,9 +71,13 @@ def test_options_come_from_the_device_preset() -> None:
 
 
 def test_cli_wires_bench_and_rejects_bad_configs(capsys: pytest.CaptureFixture[str]) -> None:
-    args = build_parser().parse_args(["bench", "--quick", "--configs", "process-gloo,bogus"])
+    with pytest.raises(SystemExit):  # syntax and names: at parse time (tests/test_cli.py)
+        build_parser().parse_args(["bench", "--quick", "--configs", "process-gloo,bogus"])
+    assert "argument --configs: 'bogus' is not a configuration" in capsys.readouterr().err
+    # A configuration of the other device: once the options are complete, before any run.
+    args = build_parser().parse_args(["bench", "--quick", "--configs", "process-gloo,process-nccl"])
     assert args.func(args) == 1
-    assert "'bogus' is not a cpu configuration" in capsys.readouterr().err
+    assert "--configs: 'process-nccl' is not a cpu configuration" in capsys.readouterr().err
     assert [c.name for c in CONFIGS["cuda"]] == [
         "none", "sync", "thread-gloo", "process-nccl", "process-cuda_ipc"]
 

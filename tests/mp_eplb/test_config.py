@@ -46,3 +46,16 @@ def test_thread_mode_moves_weights_with_gloo_only(communicator: str) -> None:
 def test_gpu_only_communicators_are_refused_for_cpu_weights() -> None:
     with pytest.raises(ValueError, match="needs CUDA weights"):
         EplbConfig(communicator="cuda_ipc").resolved_communicator("cpu")
+
+
+def test_auto_picks_nccl_across_nodes_and_cuda_ipc_is_refused_there() -> None:
+    config = EplbConfig(ranks_per_node=2)
+    assert config.resolved_communicator("cuda", num_nodes=1) == "cuda_ipc"
+    assert config.resolved_communicator("cuda", num_nodes=2) == "nccl"
+    assert config.resolved_communicator("cpu", num_nodes=2) == "gloo"
+    assert config.replace(communicator="nccl").resolved_communicator("cuda", 2) == "nccl"
+    assert config.replace(mode="thread").resolved_communicator("cuda", 2) == "gloo"
+    with pytest.raises(ValueError, match=r"communicator='cuda_ipc' works within one node, but the "
+                                         r"ranks span 2 nodes \(EplbConfig.ranks_per_node=2\); "
+                                         r"use 'nccl' \(or 'auto'\)"):
+        config.replace(communicator="cuda_ipc").resolved_communicator("cuda", num_nodes=2)
