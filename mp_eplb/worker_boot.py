@@ -1,0 +1,167 @@
+"""Entry point of the transfer subprocess: ``python -m mp_eplb.worker_boot --start-fd N``.
+
+Standard library only, so it runs its first steps before anything heavy is imported:
+
+1. arm ``PR_SET_PDEATHSIG`` (SIGKILL) and check the parent pid: a child of an engine killed
+   at any moment of its start dies with it;
+2. read its :class:`StartInfo` (session key, endpoint, ...) as JSON from the inherited pipe
+   ``N``, so the key never appears in ``/proc/<pid>/environ`` or the command line;
+3. advance the progress counter (:class:`ProgressCounter`, shared memory inherited as an fd)
+   at once, the engine's heartbeat from the first moment; it pulses only during declared
+   long waits (:meth:`ProgressCounter.pulse`: imports, rendezvous), so a start-up hang
+   anywhere else stops it and the engine sees the worker hung within
+   ``EplbConfig.heartbeat_timeout_s``;
+4. import and run :func:`mp_eplb.worker_process.main`.
+
+The engine side writes the pipe with :func:`start_info_pipe` and creates the counter with
+:meth:`ProgressCounter.create`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import json
+import mmap
+import os
+import signal
+import struct
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+
+from mp_eplb.failpoints import arm_from_env, failpoint
+
+__all__ = ["ProgressCounter", "StartInfo", "start_info_pipe", "read_start_info", "main",
+           "PARENT_GONE_EXIT", "PEER_FAILED_EXIT"]
+
+#: Exit code of a worker whose parent engine is gone.
+PARENT_GONE_EXIT = 3
+#: Exit code of a worker that stopped because a peer worker's collective failed.
+PEER_FAILED_EXIT = 4
+#: Seconds between parent checks (backs up PR_SET_PDEATHSIG) and between pulses.
+TICK_S = 0.2
+_PR_SET_PDEATHSIG = 1
+_COUNTER = struct.Struct("<q")
+
+
+class ProgressCounter:
+    """An int64 in an 8-byte memfd mapping, advanced by the worker, read by the engine.
+    Only the worker writes it; the engine reads a possibly stale value, never a torn one."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self._map = mmap.mmap(fd, _COUNTER.size)
+
+    @classmethod
+    def create(cls) -> ProgressCounter:
+        """A new zeroed counter; pass :attr:`fd` to the worker (it is inheritable)."""
+        fd = os.memfd_create("mp_eplb-progress", 0)
+        os.ftruncate(fd, _COUNTER.size)
+        os.set_inheritable(fd, True)
+        return cls(fd)
+
+    @property
+    def value(self) -> int:
+        return _COUNTER.unpack_from(self._map)[0]
+
+    def add(self) -> None:
+        _COUNTER.pack_into(self._map, 0, self.value + 1)
+
+    @contextlib.contextmanager
+    def pulse(self) -> Iterator[None]:
+        """Advance every ``TICK_S`` on a thread while the block runs: declares a long wait
+        that is bounded elsewhere (an import, a rendezvous with its own timeout)."""
+        done = threading.Event()
+
+        def beat() -> None:
+            while not done.wait(TICK_S):
+                self.add()
+
+        thread = threading.Thread(target=beat, name="progress-pulse", daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            done.set()
+            thread.join()
+
+    def close(self) -> None:
+        self._map.close()
+        os.close(self.fd)
+
+
+@dataclass(frozen=True)
+class StartInfo:
+    """What the engine tells its worker at spawn (the key as hex)."""
+
+    key: str
+    endpoint: str
+    parent_pid: int
+    progress_fd: int
+    start_timeout_s: float
+
+
+def start_info_pipe(info: StartInfo) -> int:
+    """Write ``info`` as JSON into a new pipe; return its inheritable read end. Close it in
+    the engine once the worker is spawned. ``ValueError`` if it exceeds the pipe's atomic
+    size (it is a few hundred bytes)."""
+    data = json.dumps(asdict(info)).encode()
+    if len(data) > 4096:
+        raise ValueError(f"start info of {len(data)} bytes exceeds the 4096 a pipe takes at once")
+    read_fd, write_fd = os.pipe()
+    try:
+        os.write(write_fd, data)
+    except BaseException:
+        os.close(read_fd)
+        raise
+    finally:
+        os.close(write_fd)
+    os.set_inheritable(read_fd, True)
+    return read_fd
+
+
+def read_start_info(fd: int) -> StartInfo:
+    """Read the whole :class:`StartInfo` from pipe ``fd`` (see :func:`start_info_pipe`), then
+    close it."""
+    with os.fdopen(fd, "rb") as pipe:
+        return StartInfo(**json.loads(pipe.read()))
+
+
+def _watch_parent(parent_pid: int) -> None:
+    """Die with the parent: PR_SET_PDEATHSIG plus a getppid poll on a thread (the signal is
+    lost if the parent died before it was armed, and is Linux only)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != parent_pid:
+        os._exit(PARENT_GONE_EXIT)
+
+    def poll() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(TICK_S)
+        os._exit(PARENT_GONE_EXIT)
+
+    threading.Thread(target=poll, name="parent-watch", daemon=True).start()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="mp_eplb.worker_boot")
+    parser.add_argument("--start-fd", type=int, required=True,
+                        help="inherited pipe holding the StartInfo JSON")
+    args = parser.parse_args(argv)
+    info = read_start_info(args.start_fd)
+    _watch_parent(info.parent_pid)
+    progress = ProgressCounter(info.progress_fd)
+    progress.add()
+    arm_from_env()
+    failpoint("boot")
+    with progress.pulse():
+        from mp_eplb import worker_process
+    return worker_process.main(info, progress)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
