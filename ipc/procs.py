@@ -10,6 +10,7 @@ a process exit.
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import queue
@@ -77,6 +78,7 @@ def stop_processes(procs: Sequence[BaseProcess | Stoppable], grace_s: float,
 
 _requests: queue.SimpleQueue[tuple[Callable[[], subprocess.Popen], Future]] | None = None
 _spawner_lock = threading.Lock()
+_reapers: set[threading.Thread] = set()
 
 
 def _serve_spawns(requests: queue.SimpleQueue) -> None:
@@ -90,9 +92,10 @@ def _serve_spawns(requests: queue.SimpleQueue) -> None:
 
 
 def _forget_spawner() -> None:
-    """In a forked child the spawner thread does not exist: start a new one on demand."""
+    """In a forked child the spawner and reaper threads do not exist: start anew on demand."""
     global _requests
     _requests = None
+    _reapers.clear()
 
 
 os.register_at_fork(after_in_child=_forget_spawner)
@@ -117,15 +120,32 @@ def spawn(argv: Sequence[str], *, env: Mapping[str, str] | None = None,
     return result.result()
 
 
-def reap(proc: subprocess.Popen, grace_s: float, escalate_s: float) -> threading.Thread:
-    """Stop ``proc`` like :func:`stop_processes` (``grace_s``, then SIGTERM, then SIGKILL) and
-    reap it, on a daemon thread; returns that thread at once (join it to wait). Kill the
-    process first to skip the grace period of one known to be dead or hung."""
+def reap(proc: subprocess.Popen, grace_s: float, escalate_s: float,
+         then: Callable[[], None] = lambda: None) -> threading.Thread:
+    """Stop ``proc`` like :func:`stop_processes` (``grace_s``, then SIGTERM, then SIGKILL),
+    reap it and call ``then``, on a daemon thread; returns that thread at once (join it to
+    wait). Kill the process first to skip the grace period of one known dead or hung. At
+    interpreter exit the pending reapers are joined, so a graceful stop is not cut short."""
     def run() -> None:
-        stop_processes([PopenProcess(proc)], grace_s, escalate_s)
-        if proc.poll() is None:
-            logger.error("process %d survived SIGKILL for %.1f s", proc.pid, escalate_s)
+        try:
+            stop_processes([PopenProcess(proc)], grace_s, escalate_s)
+            if proc.poll() is None:
+                logger.error("process %d survived SIGKILL for %.1f s", proc.pid, escalate_s)
+            then()
+        finally:
+            with _spawner_lock:
+                _reapers.discard(threading.current_thread())
 
     thread = threading.Thread(target=run, name=f"ipc-reap-{proc.pid}", daemon=True)
+    with _spawner_lock:
+        _reapers.add(thread)
     thread.start()
     return thread
+
+
+@atexit.register
+def _join_reapers() -> None:
+    with _spawner_lock:
+        pending = list(_reapers)
+    for thread in pending:
+        thread.join()
