@@ -22,7 +22,7 @@ from concurrent.futures import Future
 from multiprocessing.process import BaseProcess
 from typing import Protocol
 
-__all__ = ["Stoppable", "PopenProcess", "stop_processes", "spawn", "reap"]
+__all__ = ["Stoppable", "PopenProcess", "stop_processes", "spawn", "reap", "is_stopped"]
 
 logger = logging.getLogger(__name__)
 
@@ -74,6 +74,16 @@ def stop_processes(procs: Sequence[BaseProcess | Stoppable], grace_s: float,
             getattr(proc, stop)()
         for proc in stragglers:
             proc.join(escalate_s)
+
+
+def is_stopped(pid: int) -> bool:
+    """Whether process ``pid`` is stopped (SIGSTOP, or traced): it would ignore a polite
+    request and SIGTERM until continued. ``False`` if it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat:
+            return stat.read().rsplit(b")", 1)[1].split()[0] in (b"T", b"t")
+    except (OSError, IndexError):
+        return False
 
 
 _requests: queue.SimpleQueue[tuple[Callable[[], subprocess.Popen], Future]] | None = None

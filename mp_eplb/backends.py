@@ -314,12 +314,12 @@ class ProcessBackend(WorkerBackend):
         self._spawn(rendezvous)
 
     def _stop_worker(self, kill: bool, then: Callable[[], None] = lambda: None) -> None:
-        """Stop the worker without waiting: SIGKILL at once if ``kill`` or it is not set up,
-        else ask it (``Shutdown``) and give it SHUTDOWN_GRACE_S before SIGTERM, then SIGKILL,
+        """Stop the worker without waiting: SIGKILL at once if ``kill``, it is not set up or
+        it is stopped (SIGSTOP), else ask it (``Shutdown``) and give it SHUTDOWN_GRACE_S before SIGTERM, then SIGKILL,
         on a reaper thread, which calls ``then`` once it is gone. Closes the channel."""
         proc, self.proc = self.proc, None
         if proc is not None and proc.poll() is None:
-            polite = self.ready and not kill
+            polite = self.ready and not kill and not procs.is_stopped(proc.pid)
             if polite:
                 try:
                     self.channel.send(Shutdown(reason="engine shutdown"))
