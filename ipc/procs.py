@@ -14,6 +14,7 @@ import atexit
 import logging
 import os
 import queue
+import select
 import subprocess
 import threading
 import time
@@ -22,7 +23,8 @@ from concurrent.futures import Future
 from multiprocessing.process import BaseProcess
 from typing import Protocol
 
-__all__ = ["Stoppable", "PopenProcess", "stop_processes", "spawn", "reap", "is_stopped"]
+__all__ = ["Stoppable", "PopenProcess", "stop_processes", "spawn", "reap", "is_stopped",
+           "inheritable_pipe"]
 
 logger = logging.getLogger(__name__)
 
@@ -74,6 +76,26 @@ def stop_processes(procs: Sequence[BaseProcess | Stoppable], grace_s: float,
             getattr(proc, stop)()
         for proc in stragglers:
             proc.join(escalate_s)
+
+
+def inheritable_pipe(data: bytes) -> int:
+    """Write ``data`` into a new pipe and return its inheritable read end, for a child to
+    read to EOF (pass it with ``spawn(pass_fds=...)``, close it here once spawned).
+    ``ValueError`` past ``select.PIPE_BUF`` bytes, which a pipe always takes without
+    blocking."""
+    if len(data) > select.PIPE_BUF:
+        raise ValueError(f"{len(data)} bytes exceed select.PIPE_BUF={select.PIPE_BUF}, which a "
+                         "pipe takes at once; send more over a channel")
+    read_fd, write_fd = os.pipe()
+    try:
+        os.write(write_fd, data)
+    except BaseException:
+        os.close(read_fd)
+        raise
+    finally:
+        os.close(write_fd)
+    os.set_inheritable(read_fd, True)
+    return read_fd
 
 
 def is_stopped(pid: int) -> bool:

@@ -34,7 +34,7 @@ from mp_eplb.errors import WorkerStartError
 from mp_eplb.messages import PROTOCOL_VERSION, Setup, SetupDone, WorkerError
 from mp_eplb.serve import QueueLink, StreamEvents, serve
 from mp_eplb.worker import build_worker
-from mp_eplb.worker_boot import ProgressCounter, StartInfo, start_info_pipe
+from mp_eplb.worker_boot import ProgressCounter, StartInfo
 
 if TYPE_CHECKING:
     from mp_eplb.state import EplbState
@@ -69,7 +69,7 @@ class WorkerBackend(abc.ABC):
                         for _ in range(1 + state.config.num_staging_buffers)]
                        if self._cuda else [])
         self.progress = ProgressCounter.create()
-        self._progress_seen = (-1, time.monotonic())
+        self._forget_progress()
 
     @abc.abstractmethod
     def send(self, msg: Any) -> None: ...
@@ -179,7 +179,6 @@ class ProcessBackend(WorkerBackend):
         super().__init__(state, handles.shared_empty)
         self.proc: subprocess.Popen | None = None
         self.channel: Channel | None = None
-        self.restarts = 0
         try:
             self._spawn(rendezvous(state))
             while not self.ready:
@@ -203,9 +202,9 @@ class ProcessBackend(WorkerBackend):
         self._start_error = ""
         self._started_at = time.monotonic()
         self._forget_progress()
-        start_fd = start_info_pipe(StartInfo(
+        start_fd = procs.inheritable_pipe(StartInfo(
             key=key.hex(), endpoint=self.channel.endpoint, parent_pid=os.getpid(),
-            progress_fd=self.progress.fd, start_timeout_s=cfg.start_timeout_s))
+            progress_fd=self.progress.fd, start_timeout_s=cfg.start_timeout_s).to_json())
         try:
             self.proc = procs.spawn(
                 [sys.executable, "-m", "mp_eplb.worker_boot", "--start-fd", str(start_fd)],
@@ -308,9 +307,6 @@ class ProcessBackend(WorkerBackend):
         """Kill the current worker at once (its rebalance was abandoned; its process group
         is broken) and start a new one; returns at once, the old one is reaped elsewhere."""
         self._stop_worker(kill=True)
-        self.restarts += 1
-        logger.warning("rank %d: restarting the transfer worker (restart %d)", self.state.rank,
-                       self.restarts)
         self._spawn(rendezvous)
 
     def _stop_worker(self, kill: bool, then: Callable[[], None] = lambda: None) -> None:

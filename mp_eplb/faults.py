@@ -498,7 +498,7 @@ def _stray_children(keep: int | None) -> list[str]:
                 cmd = f.read()
         except (OSError, IndexError):
             continue
-        if fields[0] == b"Z" or b"mp_eplb.worker_process" in cmd:
+        if fields[0] == b"Z" or b"mp_eplb.worker_boot" in cmd:
             out.append(f"{pid}({fields[0].decode()})")
     return out
 

@@ -13,8 +13,8 @@ Standard library only, so it runs its first steps before anything heavy is impor
    ``EplbConfig.heartbeat_timeout_s``;
 4. import and run :func:`mp_eplb.worker_process.main`.
 
-The engine side writes the pipe with :func:`start_info_pipe` and creates the counter with
-:meth:`ProgressCounter.create`.
+The engine side writes the pipe with ``ipc.procs.inheritable_pipe(info.to_json())`` and
+creates the counter with :meth:`ProgressCounter.create`.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from dataclasses import asdict, dataclass
 
 from mp_eplb.failpoints import arm_from_env, failpoint
 
-__all__ = ["ProgressCounter", "StartInfo", "start_info_pipe", "read_start_info", "main",
+__all__ = ["ProgressCounter", "StartInfo", "read_start_info", "main",
            "PARENT_GONE_EXIT", "PEER_FAILED_EXIT"]
 
 #: Exit code of a worker whose parent engine is gone.
@@ -104,29 +104,13 @@ class StartInfo:
     progress_fd: int
     start_timeout_s: float
 
-
-def start_info_pipe(info: StartInfo) -> int:
-    """Write ``info`` as JSON into a new pipe; return its inheritable read end. Close it in
-    the engine once the worker is spawned. ``ValueError`` if it exceeds the pipe's atomic
-    size (it is a few hundred bytes)."""
-    data = json.dumps(asdict(info)).encode()
-    if len(data) > 4096:
-        raise ValueError(f"start info of {len(data)} bytes exceeds the 4096 a pipe takes at once")
-    read_fd, write_fd = os.pipe()
-    try:
-        os.write(write_fd, data)
-    except BaseException:
-        os.close(read_fd)
-        raise
-    finally:
-        os.close(write_fd)
-    os.set_inheritable(read_fd, True)
-    return read_fd
+    def to_json(self) -> bytes:
+        return json.dumps(asdict(self)).encode()
 
 
 def read_start_info(fd: int) -> StartInfo:
-    """Read the whole :class:`StartInfo` from pipe ``fd`` (see :func:`start_info_pipe`), then
-    close it."""
+    """Read the whole :class:`StartInfo` (JSON of :meth:`StartInfo.to_json`) from pipe
+    ``fd``, then close it."""
     with os.fdopen(fd, "rb") as pipe:
         return StartInfo(**json.loads(pipe.read()))
 

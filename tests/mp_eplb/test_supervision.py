@@ -55,7 +55,8 @@ def _step_until(state: EplbState, done: Callable[[], bool], what: str) -> float:
     """Step (1 ms apart) until ``done()``; returns the longest single step() in seconds."""
     longest, deadline, step = 0.0, time.monotonic() + WAIT_S, 0
     while not done():
-        assert time.monotonic() < deadline, f"{what} within {WAIT_S} s; {state.history}"
+        assert time.monotonic() < deadline, (f"no {what} within {WAIT_S} s; last records: "
+                                             f"{state.history[-3:]}")
         t0 = time.monotonic()
         state.step(_load(state, step))
         longest = max(longest, time.monotonic() - t0)
@@ -106,11 +107,11 @@ def test_a_stopped_worker_is_killed_at_once_and_no_step_blocks(
     """SIGSTOP: the heartbeat judges it hung, the restart SIGKILLs it (SIGTERM would wait 5 s
     on a stopped process) and a later rebalance completes with the new worker."""
     with _state(heartbeat_timeout_s=2.0) as state:
-        _step_until(state, lambda: _completed(state), "a first rebalance")
+        _step_until(state, lambda: _completed(state), "first rebalance")
         old = state.worker_pid
         os.kill(old, signal.SIGSTOP)  # on a failure, shutdown kills it (it is stopped)
         longest = _step_until(state, lambda: state.worker_restarts == 1,
-                              "the hung worker's restart")
+                              "restart of the hung worker")
         assert isinstance(state.last_error, WorkerFailedError)
         assert not isinstance(state.last_error, PeerFailedError)
         assert "heartbeat_timeout_s" in str(state.last_error)
@@ -118,7 +119,7 @@ def test_a_stopped_worker_is_killed_at_once_and_no_step_blocks(
         _wait_gone(old)
         last = state.history[-1].rebalance_id
         longest = max(longest, _step_until(state, lambda: _completed(state, last),
-                                           "a rebalance after the restart"))
+                                           "rebalance after the restart"))
     assert longest < CALL_BOUND_S, f"a step() took {longest:.1f} s"
     _no_escalation(caplog)
 
@@ -140,7 +141,7 @@ def test_shutdown_during_a_restart_returns_at_once(caplog: pytest.LogCaptureFixt
     state = _state()
     old = state.worker_pid
     os.kill(old, signal.SIGKILL)
-    _step_until(state, lambda: state.worker_restarts == 1, "the restart")
+    _step_until(state, lambda: state.worker_restarts == 1, "restart")
     assert isinstance(state.last_error, WorkerFailedError)
     assert "killed by signal 9" in str(state.last_error)
     assert not state._backend.ready, "the new worker finished starting before the shutdown"
@@ -203,9 +204,9 @@ def test_a_state_built_on_an_ended_thread_keeps_its_worker() -> None:
     (state,) = built
     with state:
         pid = state.worker_pid
-        _step_until(state, lambda: _completed(state), "a rebalance")
-        _step_until(state, lambda: _completed(state, state.history[-1].rebalance_id),
-                    "a second rebalance")
+        _step_until(state, lambda: _completed(state), "rebalance")
+        first = state.history[-1].rebalance_id
+        _step_until(state, lambda: _completed(state, first), "second rebalance")
         assert (state.worker_pid, state.worker_restarts, state.last_error) == (pid, 0, None)
 
 
@@ -226,10 +227,10 @@ def test_health_counters_and_restarts_survive_shutdown() -> None:
     state = _state()
     assert (state.healthy, state.error_count, state.worker_restarts) == (True, 0, 0)
     os.kill(state.worker_pid, signal.SIGKILL)
-    _step_until(state, lambda: state.last_error is not None, "the death")
+    _step_until(state, lambda: state.last_error is not None, "report of the death")
     assert (state.healthy, state.error_count) == (False, 1)
     _step_until(state, lambda: state.worker_restarts == 1 and state.healthy,
-                "a restart that reaches SetupDone")
+                "restart that reaches SetupDone")
     assert state.error_count == 1 and isinstance(state.last_error, WorkerFailedError)
     state.shutdown()
     assert state.worker_restarts == 1
