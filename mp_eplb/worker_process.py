@@ -33,9 +33,9 @@ __all__ = ["main"]
 
 logger = logging.getLogger("mp_eplb.worker_process")
 
-#: What gloo and NCCL say when the other end of a collective is gone or never came.
-_PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "Timed out",
-              "timed out", "remote process exited")
+#: What gloo says (a plain RuntimeError) when the other end of a collective is gone or
+#: never came; NCCL raises ``dist.DistError`` subclasses.
+_PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "Timed out waiting")
 
 
 def _peer_failed(err: BaseException) -> bool:
@@ -47,7 +47,8 @@ def _peer_failed(err: BaseException) -> bool:
 def _open_setup(setup: Setup, progress: ProgressCounter):
     device = torch.device(setup.device)
     if device.type == "cuda":
-        torch.cuda.set_device(device)
+        with progress.pulse():  # CUDA context creation: seconds, no hang of ours
+            torch.cuda.set_device(device)
     weights = [[handles.open_tensor(h) for h in layer] for layer in setup.weights]
     buffers = [[handles.open_tensor(h) for h in slot] for slot in setup.buffers]
     load_total = handles.open_tensor(setup.load_total)
