@@ -188,6 +188,8 @@ class ProcessBackend(WorkerBackend):
                 time.sleep(0.005)
         except BaseException:
             self.close(kill=True)
+            if self.stopping is not None:  # a failed start leaves nothing behind: a killed
+                self.stopping.join()       # worker exits at once
             raise
 
     # -- start-up -------------------------------------------------------------------------

@@ -36,10 +36,19 @@ NUM_LOGICAL = 4
 SLOTS = 6
 
 
-def _state(**config) -> EplbState:
-    """A single-rank process-mode state (no process group needed) that rebalances often."""
+#: Each test that runs on CUDA too (weights on the GPU, CUDA IPC, the worker's CUDA context).
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
+
+
+def _weights(device: str = "cpu", rank: int = 0) -> list[list[torch.Tensor]]:
     ids = np.arange(SLOTS) % NUM_LOGICAL
-    weights = [[encode_rows(layer, ids, torch.float32, (3,))] for layer in range(2)]
+    where = torch.device("cuda", rank) if device == "cuda" else torch.device("cpu")
+    return [[encode_rows(layer, ids, torch.float32, (3,)).to(where)] for layer in range(2)]
+
+
+def _state(device: str = "cpu", **config) -> EplbState:
+    """A single-rank process-mode state (no process group needed) that rebalances often."""
+    weights = _weights(device)
     settings = dict(mode="process", num_redundant_experts=SLOTS - NUM_LOGICAL, window_size=2,
                     step_interval=4)
     settings.update(config)
@@ -102,11 +111,12 @@ def _no_escalation(caplog: pytest.LogCaptureFixture) -> None:
     assert not [r for r in caplog.records if "escalating" in r.getMessage()]
 
 
+@pytest.mark.parametrize("device", DEVICES)
 def test_a_stopped_worker_is_killed_at_once_and_no_step_blocks(
-        caplog: pytest.LogCaptureFixture) -> None:
+        device: str, caplog: pytest.LogCaptureFixture) -> None:
     """SIGSTOP: the heartbeat judges it hung, the restart SIGKILLs it (SIGTERM would wait 5 s
     on a stopped process) and a later rebalance completes with the new worker."""
-    with _state(heartbeat_timeout_s=2.0) as state:
+    with _state(device, heartbeat_timeout_s=2.0) as state:
         _step_until(state, lambda: _completed(state), "first rebalance")
         old = state.worker_pid
         os.kill(old, signal.SIGSTOP)  # on a failure, shutdown kills it (it is stopped)
@@ -195,10 +205,11 @@ def test_a_starting_worker_dies_with_its_killed_engine() -> None:
         engine.join(WAIT_S)
 
 
-def test_a_state_built_on_an_ended_thread_keeps_its_worker() -> None:
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_state_built_on_an_ended_thread_keeps_its_worker(device: str) -> None:
     """PR_SET_PDEATHSIG follows the spawning thread: the worker must not die with it."""
     built: list[EplbState] = []
-    builder = threading.Thread(target=lambda: built.append(_state()))
+    builder = threading.Thread(target=lambda: built.append(_state(device)))
     builder.start()
     builder.join(WAIT_S)
     (state,) = built
@@ -236,10 +247,9 @@ def test_health_counters_and_restarts_survive_shutdown() -> None:
     assert state.worker_restarts == 1
 
 
-def _attribution(rank: int, world: int) -> dict:
+def _attribution(rank: int, world: int, device: str) -> dict:
     """Both ranks rebalance; rank 0 SIGKILLs its own worker as a rebalance starts."""
-    ids = np.arange(SLOTS) % NUM_LOGICAL
-    weights = [[encode_rows(layer, ids, torch.float32, (3,))] for layer in range(2)]
+    weights = _weights(device, rank)
     config = EplbConfig(mode="process", num_redundant_experts=2 * SLOTS - NUM_LOGICAL,
                         window_size=2, step_interval=4)
     state = EplbState(weights, rank=rank, world_size=world, num_logical_experts=NUM_LOGICAL,
@@ -259,8 +269,11 @@ def _attribution(rank: int, world: int) -> dict:
                 "healthy": state.healthy}
 
 
-def test_the_rank_whose_worker_died_reports_it_and_its_peer_a_peer_failure() -> None:
-    killed, peer = run_distributed(_attribution, 2, timeout_s=240)
+@pytest.mark.parametrize("device", DEVICES)
+def test_the_rank_whose_worker_died_reports_it_and_its_peer_a_peer_failure(device: str) -> None:
+    if device == "cuda" and torch.cuda.device_count() < 2:
+        pytest.skip("needs 2 GPUs")
+    killed, peer = run_distributed(_attribution, 2, device, timeout_s=240)
     assert killed["error"] == WorkerFailedError.__name__, killed
     assert "killed by signal 9" in killed["message"], killed
     assert peer["error"] == PeerFailedError.__name__, peer
