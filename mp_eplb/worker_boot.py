@@ -58,10 +58,10 @@ class ProgressCounter:
 
     @classmethod
     def create(cls) -> ProgressCounter:
-        """A new zeroed counter; pass :attr:`fd` to the worker (it is inheritable)."""
-        fd = os.memfd_create("mp_eplb-progress", 0)
+        """A new zeroed counter; hand :attr:`fd` to the worker in ``pass_fds`` (no other
+        child inherits it)."""
+        fd = os.memfd_create("mp_eplb-progress")
         os.ftruncate(fd, _COUNTER.size)
-        os.set_inheritable(fd, True)
         return cls(fd)
 
     @property
