@@ -97,11 +97,12 @@ class WorkerBackend(abc.ABC):
     ready = True
 
     def silent_s(self) -> float:
-        """Seconds since the worker's progress counter was last seen to change (it advances
-        from the first moment of a start and while the worker's loop runs, idle or busy; a
-        stuck or stopped worker stops it). Call it regularly: each call is an observation."""
+        """Seconds since the worker's progress counter was last seen to change or to declare
+        a long wait (it advances from the first moment of a start and while the worker's loop
+        runs, idle or busy; a stuck or stopped worker stops it). Call it regularly: each call
+        is an observation."""
         now, count = time.monotonic(), self.progress.value
-        if count != self._progress_seen[0]:
+        if count != self._progress_seen[0] or now < self.progress.waiting_until:
             self._progress_seen = (count, now)
         return now - self._progress_seen[1]
 

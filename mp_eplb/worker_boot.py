@@ -7,9 +7,9 @@ Standard library only, so it runs its first steps before anything heavy is impor
 2. read its :class:`StartInfo` (session key, endpoint, ...) as JSON from the inherited pipe
    ``N``, so the key never appears in ``/proc/<pid>/environ`` or the command line;
 3. advance the progress counter (:class:`ProgressCounter`, shared memory inherited as an fd)
-   at once, the engine's heartbeat from the first moment; it pulses only during declared
-   long waits (:meth:`ProgressCounter.pulse`: imports, rendezvous), so a start-up hang
-   anywhere else stops it and the engine sees the worker hung within
+   at once, the engine's heartbeat from the first moment; only declared long waits
+   (:meth:`ProgressCounter.waiting`: imports, the wait for ``Setup``, rendezvous) may be
+   silent, so a start-up hang anywhere else is judged within
    ``EplbConfig.heartbeat_timeout_s``;
 4. import and run :func:`mp_eplb.worker_process.main`.
 
@@ -42,52 +42,53 @@ __all__ = ["ProgressCounter", "StartInfo", "read_start_info", "main",
 PARENT_GONE_EXIT = 3
 #: Exit code of a worker that stopped because a peer worker's collective failed.
 PEER_FAILED_EXIT = 4
-#: Seconds between parent checks (backs up PR_SET_PDEATHSIG) and between pulses.
-TICK_S = 0.2
+#: Seconds between parent checks (backs up PR_SET_PDEATHSIG).
+PARENT_CHECK_S = 0.2
 _PR_SET_PDEATHSIG = 1
-_COUNTER = struct.Struct("<q")
+#: Progress count, and the end of the declared wait (``time.monotonic()``; 0.0: none).
+_HEARTBEAT = struct.Struct("<qd")
 
 
 class ProgressCounter:
-    """An int64 in an 8-byte memfd mapping, advanced by the worker, read by the engine.
-    Only the worker writes it; the engine reads a possibly stale value, never a torn one."""
+    """The worker's heartbeat in a 16-byte memfd mapping: a count the worker advances and
+    the end of the long wait it declared (``time.monotonic()`` is system-wide on Linux).
+    Only the worker writes; the engine reads (:attr:`value`, :attr:`waiting_until`)."""
 
     def __init__(self, fd: int) -> None:
         self.fd = fd
-        self._map = mmap.mmap(fd, _COUNTER.size)
+        self._map = mmap.mmap(fd, _HEARTBEAT.size)
 
     @classmethod
     def create(cls) -> ProgressCounter:
         """A new zeroed counter; hand :attr:`fd` to the worker in ``pass_fds`` (no other
         child inherits it)."""
         fd = os.memfd_create("mp_eplb-progress")
-        os.ftruncate(fd, _COUNTER.size)
+        os.ftruncate(fd, _HEARTBEAT.size)
         return cls(fd)
 
     @property
     def value(self) -> int:
-        return _COUNTER.unpack_from(self._map)[0]
+        return _HEARTBEAT.unpack_from(self._map)[0]
 
-    def add(self) -> None:
-        _COUNTER.pack_into(self._map, 0, self.value + 1)
+    @property
+    def waiting_until(self) -> float:
+        """End of the declared wait (``time.monotonic()``), 0.0 when none."""
+        return _HEARTBEAT.unpack_from(self._map)[1]
+
+    def add(self, waiting_until: float = 0.0) -> None:
+        _HEARTBEAT.pack_into(self._map, 0, self.value + 1, waiting_until)
 
     @contextlib.contextmanager
-    def pulse(self) -> Iterator[None]:
-        """Advance every ``TICK_S`` on a thread while the block runs: declares a long wait
-        that is bounded elsewhere (an import, a rendezvous with its own timeout)."""
-        done = threading.Event()
-
-        def beat() -> None:
-            while not done.wait(TICK_S):
-                self.add()
-
-        thread = threading.Thread(target=beat, name="progress-pulse", daemon=True)
-        thread.start()
+    def waiting(self, limit_s: float) -> Iterator[None]:
+        """Declare a long wait bounded elsewhere by ``limit_s`` (an import, the wait for
+        ``Setup``, a rendezvous with its own timeout): the engine does not count silence
+        until the block ends or ``limit_s`` passes. No thread involved, so it holds while
+        the GIL is held (torch's libraries loading)."""
+        self.add(time.monotonic() + limit_s)
         try:
             yield
         finally:
-            done.set()
-            thread.join()
+            self.add()
 
     def close(self) -> None:
         self._map.close()
@@ -125,7 +126,7 @@ def _watch_parent(parent_pid: int) -> None:
 
     def poll() -> None:
         while os.getppid() == parent_pid:
-            time.sleep(TICK_S)
+            time.sleep(PARENT_CHECK_S)
         os._exit(PARENT_GONE_EXIT)
 
     threading.Thread(target=poll, name="parent-watch", daemon=True).start()
@@ -142,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     progress.add()
     arm_from_env()
     failpoint("boot")
-    with progress.pulse():
+    with progress.waiting(info.start_timeout_s):
         from mp_eplb import worker_process
     return worker_process.main(info, progress)
 

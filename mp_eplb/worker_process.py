@@ -47,21 +47,22 @@ def _peer_failed(err: BaseException) -> bool:
 def _open_setup(setup: Setup, progress: ProgressCounter):
     device = torch.device(setup.device)
     if device.type == "cuda":
-        with progress.pulse():  # CUDA context creation: seconds, no hang of ours
+        with progress.waiting(setup.collective_timeout_s):  # CUDA context creation
             torch.cuda.set_device(device)
     weights = [[handles.open_tensor(h) for h in layer] for layer in setup.weights]
     buffers = [[handles.open_tensor(h) for h in slot] for slot in setup.buffers]
     load_total = handles.open_tensor(setup.load_total)
     events = [SharedEvent.open(h) for h in setup.events]
     backend = "nccl" if setup.communicator == "nccl" else "gloo"
-    with progress.pulse():
+    with progress.waiting(setup.collective_timeout_s):  # meets the peers, which may be slow
         dist.init_process_group(backend, init_method=setup.rendezvous, rank=setup.topology.rank,
                                 world_size=setup.topology.world_size,
                                 timeout=timedelta(seconds=setup.collective_timeout_s),
                                 device_id=device if backend == "nccl" else None)
-    worker = build_worker(topology=setup.topology, communicator=setup.communicator, device=device,
-                          weights=weights, buffers=buffers, load_total=load_total,
-                          group=dist.group.WORLD, weight_handles=setup.weights)
+        worker = build_worker(topology=setup.topology, communicator=setup.communicator,
+                              device=device, weights=weights, buffers=buffers,
+                              load_total=load_total, group=dist.group.WORLD,
+                              weight_handles=setup.weights)
     return worker, StreamEvents(events, setup.collective_timeout_s)
 
 
@@ -73,7 +74,7 @@ def main(info: StartInfo, progress: ProgressCounter) -> int:
     channel = Channel.connect(info.endpoint, bytes.fromhex(info.key))
     try:
         channel.send(Hello(protocol_version=PROTOCOL_VERSION, pid=os.getpid(), role="eplb-worker"))
-        with progress.pulse():  # the engine answers at its next step
+        with progress.waiting(info.start_timeout_s):  # the engine answers at its next step
             setup = channel.recv(timeout=info.start_timeout_s)
         if not isinstance(setup, Setup):
             raise TypeError(f"expected Setup first, got {type(setup).__name__}")
