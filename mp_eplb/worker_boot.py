@@ -133,6 +133,7 @@ def _watch_parent(parent_pid: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Boot the transfer worker (see the module doc) and return its exit status."""
     parser = argparse.ArgumentParser(prog="mp_eplb.worker_boot")
     parser.add_argument("--start-fd", type=int, required=True,
                         help="inherited pipe holding the StartInfo JSON")
@@ -144,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     arm_from_env()
     failpoint("boot")
     with progress.waiting(info.start_timeout_s):
-        from mp_eplb import worker_process
+        from mp_eplb import worker_process  # torch and the rest: only now
     return worker_process.main(info, progress)
 
 
