@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 
 from ipc import handles
+from ipc.procs import is_stopped
 from mp_eplb import backends
 from mp_eplb import (EplbConfig, EplbState, PeerFailedError, WorkerFailedError,
                      WorkerStartError)
@@ -134,15 +135,24 @@ def test_a_stopped_worker_is_killed_at_once_and_no_step_blocks(
     _no_escalation(caplog)
 
 
-def test_shutdown_with_a_stopped_worker_returns_at_once() -> None:
+def test_shutdown_with_a_stopped_worker_returns_at_once_and_kills_it() -> None:
+    """A stopped worker would ignore Shutdown and SIGTERM (10 s of escalation): it is
+    SIGKILLed at once, and shutdown() does not even wait for that."""
     state = _state()
     pid = state.worker_pid
     os.kill(pid, signal.SIGSTOP)
+    deadline = time.monotonic() + WAIT_S
+    while not is_stopped(pid):
+        assert time.monotonic() < deadline, "SIGSTOP did not stop the worker"
+        time.sleep(0.01)
     t0 = time.monotonic()
     state.shutdown()
     took = time.monotonic() - t0
+    state.shutdown(wait=True)  # idempotent; joins the reaper
+    reaped = time.monotonic() - t0
     _wait_gone(pid)
     assert took < CALL_BOUND_S, f"shutdown() took {took:.1f} s"
+    assert reaped < CALL_BOUND_S, f"the stopped worker was not killed at once ({reaped:.1f} s)"
 
 
 def test_shutdown_during_a_restart_returns_at_once(caplog: pytest.LogCaptureFixture) -> None:
