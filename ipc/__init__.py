@@ -12,7 +12,7 @@ from ipc.errors import (AuthenticationError, ChannelClosedError, HandleError, Ip
 from ipc.events import SharedEvent
 from ipc.handles import (TensorSpec, close, close_all, export_tensor, live_segments,
                          open_tensor, release, share_storage, shared_empty)
-from ipc.procs import stop_processes
+from ipc.procs import inheritable_pipe, is_stopped, reap, spawn, stop_processes
 from ipc.schema import ErrorReply, Goodbye, Heartbeat, Hello, Shutdown, message
 
 __all__ = [
@@ -23,5 +23,5 @@ __all__ = [
     "TensorSpec", "shared_empty", "share_storage", "export_tensor", "open_tensor", "release", "close",
     "close_all", "live_segments",
     "message", "Hello", "Heartbeat", "ErrorReply", "Shutdown", "Goodbye",
-    "stop_processes",
+    "stop_processes", "spawn", "reap", "is_stopped", "inheritable_pipe",
 ]

@@ -29,6 +29,7 @@ from typing import Any, Literal, NamedTuple
 import msgpack
 
 from ipc.errors import AuthenticationError, ProtocolError
+from ipc.procs import inheritable_pipe
 from ipc.schema import SCHEMA_VERSION, from_fields, message_type, to_fields
 
 __all__ = [
@@ -133,16 +134,7 @@ def key_to_pipe(key: bytes) -> int:
     """Write ``key`` into a new pipe and return its inheritable read end. Pass the fd
     number to the child (``Popen(pass_fds=(fd,))``; the number is not secret) and close it
     in the parent after the child started. The key is smaller than PIPE_BUF: no blocking."""
-    read_fd, write_fd = os.pipe()
-    try:
-        os.write(write_fd, _check_key(key))
-    except BaseException:
-        os.close(read_fd)
-        raise
-    finally:
-        os.close(write_fd)
-    os.set_inheritable(read_fd, True)
-    return read_fd
+    return inheritable_pipe(_check_key(key))
 
 
 def key_from_fd(fd: int) -> bytes:

@@ -4,29 +4,59 @@ The engine-facing entry point is :class:`EplbState` (configured by :class:`EplbC
 The functions named like vLLM's (``rebalance_experts``, ``move_to_buffer``,
 ``move_from_buffer``, ``transfer_layer``, ``rearrange_expert_weights_inplace``) keep vLLM's
 semantics so an engine can switch.
+
+The names below are imported on first use, so the transfer subprocess's bootstrap
+(:mod:`mp_eplb.worker_boot`) starts without importing torch.
 """
 
-from mp_eplb.communicator import (EplbCommunicator, GlooCommunicator, NcclCommunicator, RowRef,
-                                  make_communicator)
-from mp_eplb.config import EplbConfig
-from mp_eplb.errors import (EplbError, InvalidLoadError, StateClosedError, WorkerFailedError,
-                            WorkerStartError)
-from mp_eplb.maps import RoutingMaps, maps_from_phy2log
-from mp_eplb.peer_pull import CudaIpcPullCommunicator
-from mp_eplb.policy import balancedness, rebalance_experts
-from mp_eplb.state import EplbState, RebalanceRecord, StepReport
-from mp_eplb.transfer import (TransferMetadata, get_ep_ranks_with_experts_batch, move_from_buffer,
-                              move_to_buffer, rearrange_expert_weights_inplace, transfer_layer)
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from mp_eplb.communicator import (EplbCommunicator, GlooCommunicator, NcclCommunicator,
+                                      RowRef, make_communicator)
+    from mp_eplb.config import EplbConfig
+    from mp_eplb.errors import (EplbError, InvalidLoadError, PeerFailedError, StateClosedError,
+                                WorkerFailedError, WorkerStartError)
+    from mp_eplb.maps import RoutingMaps, maps_from_phy2log
+    from mp_eplb.peer_pull import CudaIpcPullCommunicator
+    from mp_eplb.policy import balancedness, rebalance_experts
+    from mp_eplb.state import EplbState, RebalanceRecord, StepReport
+    from mp_eplb.transfer import (TransferMetadata, get_ep_ranks_with_experts_batch,
+                                  move_from_buffer, move_to_buffer,
+                                  rearrange_expert_weights_inplace, transfer_layer)
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "__version__",
-    "EplbConfig", "EplbState", "StepReport", "RebalanceRecord",
-    "EplbError", "InvalidLoadError", "StateClosedError", "WorkerFailedError", "WorkerStartError",
-    "rebalance_experts", "balancedness", "RoutingMaps", "maps_from_phy2log",
-    "TransferMetadata", "get_ep_ranks_with_experts_batch", "move_to_buffer", "move_from_buffer",
-    "transfer_layer", "rearrange_expert_weights_inplace",
-    "EplbCommunicator", "NcclCommunicator", "GlooCommunicator", "CudaIpcPullCommunicator",
-    "RowRef", "make_communicator",
-]
+_EXPORTS = {
+    "mp_eplb.config": ("EplbConfig",),
+    "mp_eplb.state": ("EplbState", "StepReport", "RebalanceRecord"),
+    "mp_eplb.errors": ("EplbError", "InvalidLoadError", "StateClosedError", "WorkerFailedError",
+                       "PeerFailedError", "WorkerStartError"),
+    "mp_eplb.policy": ("rebalance_experts", "balancedness"),
+    "mp_eplb.maps": ("RoutingMaps", "maps_from_phy2log"),
+    "mp_eplb.transfer": ("TransferMetadata", "get_ep_ranks_with_experts_batch", "move_to_buffer",
+                         "move_from_buffer", "transfer_layer",
+                         "rearrange_expert_weights_inplace"),
+    "mp_eplb.communicator": ("EplbCommunicator", "NcclCommunicator", "GlooCommunicator",
+                             "RowRef", "make_communicator"),
+    "mp_eplb.peer_pull": ("CudaIpcPullCommunicator",),
+}
+_MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
+
+__all__ = ["__version__", *_MODULE_OF]
+
+
+def __getattr__(name: str) -> Any:
+    module = _MODULE_OF.get(name)
+    if module is None:
+        raise AttributeError(f"module 'mp_eplb' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -24,8 +24,9 @@ import torch
 import torch.distributed as dist
 
 from ipc import handles
+from ipc import procs
 from ipc.channel import Channel
-from ipc.codec import key_to_env, new_session_key
+from ipc.codec import new_session_key
 from ipc.errors import ChannelClosedError, IpcError
 from ipc.events import SharedEvent
 from ipc.schema import Hello, Shutdown
@@ -33,19 +34,15 @@ from mp_eplb.errors import WorkerStartError
 from mp_eplb.messages import PROTOCOL_VERSION, Setup, SetupDone, WorkerError
 from mp_eplb.serve import QueueLink, StreamEvents, serve
 from mp_eplb.worker import build_worker
+from mp_eplb.worker_boot import ProgressCounter, StartInfo
 
 if TYPE_CHECKING:
     from mp_eplb.state import EplbState
 
-__all__ = ["WorkerBackend", "ProcessBackend", "ThreadBackend", "make_backend", "rendezvous",
-           "ENDPOINT_ENV", "PARENT_PID_ENV", "START_TIMEOUT_ENV"]
+__all__ = ["WorkerBackend", "ProcessBackend", "ThreadBackend", "make_backend", "rendezvous"]
 
 logger = logging.getLogger(__name__)
 
-#: Environment variables the engine sets for its transfer subprocess.
-ENDPOINT_ENV = "MP_EPLB_ENDPOINT"
-PARENT_PID_ENV = "MP_EPLB_PARENT_PID"
-START_TIMEOUT_ENV = "MP_EPLB_START_TIMEOUT_S"
 #: Seconds a worker gets to exit after ``Shutdown`` before terminate, then kill.
 SHUTDOWN_GRACE_S = 5.0
 
@@ -71,8 +68,8 @@ class WorkerBackend(abc.ABC):
         self.events = ([SharedEvent.create(device)
                         for _ in range(1 + state.config.num_staging_buffers)]
                        if self._cuda else [])
-        self.progress = empty((1,), torch.int64, torch.device("cpu"))
-        self.progress.zero_()
+        self.progress = ProgressCounter.create()
+        self._forget_progress()
 
     @abc.abstractmethod
     def send(self, msg: Any) -> None: ...
@@ -88,7 +85,8 @@ class WorkerBackend(abc.ABC):
     def exit_description(self) -> str: ...
 
     @abc.abstractmethod
-    def close(self) -> None: ...
+    def close(self, kill: bool = False) -> None:
+        """Stop the worker (``kill``: it is judged dead or hung, stop it at once)."""
 
     #: Whether :meth:`restart` can replace a failed worker.
     restartable = False
@@ -98,10 +96,28 @@ class WorkerBackend(abc.ABC):
 
     ready = True
 
-    def progress_count(self) -> int:
-        """The worker's application-level progress counter (it advances while the worker's
-        loop runs, idle or busy; a stuck loop stops it)."""
-        return int(self.progress[0])
+    def silent_s(self) -> float:
+        """Seconds since the worker's progress counter was last seen to change or to declare
+        a long wait (it advances from the first moment of a start and while the worker's loop
+        runs, idle or busy; a stuck or stopped worker stops it). Call it regularly: each call
+        is an observation."""
+        now, count = time.monotonic(), self.progress.value
+        if count != self._progress_seen[0] or now < self.progress.waiting_until:
+            self._progress_seen = (count, now)
+        return now - self._progress_seen[1]
+
+    def hung(self) -> str:
+        """Why the worker counts as hung ("" if it does not): its progress counter stood
+        still for ``EplbConfig.heartbeat_timeout_s``."""
+        silent, limit = self.silent_s(), self.state.config.heartbeat_timeout_s
+        if silent <= limit:
+            return ""
+        return (f"transfer worker made no progress for {silent:.1f} s "
+                f"(EplbConfig.heartbeat_timeout_s={limit}); treating it as hung")
+
+    def _forget_progress(self) -> None:
+        """A new worker starts: its silence counts from now."""
+        self._progress_seen = (-1, time.monotonic())
 
     # GPU ordering: events[0] after the load window is written, events[1 + slot] after the
     # engine's last read of a staging buffer. Recorded on the engine's current stream.
@@ -137,13 +153,16 @@ def rendezvous(state: EplbState) -> str:
 
 
 class ProcessBackend(WorkerBackend):
-    """A transfer subprocess (``python -m mp_eplb.worker_process``) talking over ZeroMQ.
+    """A transfer subprocess (``python -m mp_eplb.worker_boot``) talking over ZeroMQ.
 
     The weights are shared where they are (:func:`ipc.handles.share_storage`); staging buffers,
-    load window, progress counter and events are allocated here; all are exported as handles. The session key reaches
-    the child through its environment, never its command line. The first start blocks (up
-    to ``start_timeout_s``); :meth:`restart` does not: the handshake advances in
-    :meth:`poll`, and messages sent meanwhile are queued until the worker is set up.
+    load window and events are allocated here and exported as handles; the progress counter
+    and the start info (session key included) are inherited fds, never the environment or
+    the command line. The worker is forked by ``ipc.procs.spawn``'s long-lived thread, so it
+    dies with this process, not with the thread that built the state. The first start
+    blocks (up to ``start_timeout_s``, or ``heartbeat_timeout_s`` of silence); :meth:`restart`
+    does not: the handshake advances in :meth:`poll`, and messages sent meanwhile are queued
+    until the worker is set up. No method waits for a process exit (``ipc.procs.reap``).
     """
 
     def __init__(self, state: EplbState) -> None:
@@ -155,26 +174,23 @@ class ProcessBackend(WorkerBackend):
                 if handles.share_storage(t):
                     self._shared_weights.append(t)
         except BaseException:
-            self._release_weights()
+            for t in self._shared_weights:
+                handles.release(t)
             raise
         super().__init__(state, handles.shared_empty)
         self.proc: subprocess.Popen | None = None
         self.channel: Channel | None = None
-        self.restarts = 0
-        self._spawn(rendezvous(state))
-        deadline = time.monotonic() + state.config.start_timeout_s
         try:
+            self._spawn(rendezvous(state))
             while not self.ready:
                 self._pump()
                 if self._start_error:
                     raise WorkerStartError(self._start_error)
-                if time.monotonic() > deadline:
-                    raise WorkerStartError(
-                        "transfer worker did not finish its handshake within "
-                        f"EplbConfig.start_timeout_s={state.config.start_timeout_s} s")
                 time.sleep(0.005)
         except BaseException:
-            self.close()
+            self.close(kill=True)
+            if self.stopping is not None:  # a failed start leaves nothing behind: a killed
+                self.stopping.join()       # worker exits at once
             raise
 
     # -- start-up -------------------------------------------------------------------------
@@ -183,18 +199,21 @@ class ProcessBackend(WorkerBackend):
         cfg = self.state.config
         key = new_session_key()
         self.channel = Channel.bind(key, cfg.endpoint)
-        env = dict(os.environ)
-        key_to_env(key, env)
-        env[ENDPOINT_ENV] = self.channel.endpoint
-        env[PARENT_PID_ENV] = str(os.getpid())
-        env[START_TIMEOUT_ENV] = str(cfg.start_timeout_s)
         self._rendezvous_addr = rendezvous
         self._phase = "hello"
         self._pending: list[Any] = []
         self._start_error = ""
         self._started_at = time.monotonic()
-        self.proc = subprocess.Popen([sys.executable, "-m", "mp_eplb.worker_process"], env=env,
-                                     stdin=subprocess.DEVNULL, close_fds=True)
+        self._forget_progress()
+        start_fd = procs.inheritable_pipe(StartInfo(
+            key=key.hex(), endpoint=self.channel.endpoint, parent_pid=os.getpid(),
+            progress_fd=self.progress.fd, start_timeout_s=cfg.start_timeout_s).to_json())
+        try:
+            self.proc = procs.spawn(
+                [sys.executable, "-m", "mp_eplb.worker_boot", "--start-fd", str(start_fd)],
+                pass_fds=(start_fd, self.progress.fd))
+        finally:
+            os.close(start_fd)
 
     restartable = True
 
@@ -209,9 +228,11 @@ class ProcessBackend(WorkerBackend):
                 self._start_error = (f"transfer worker exited during start-up "
                                      f"({self.exit_description()}); see its log")
                 return
+            self._start_error = self.hung()
             if time.monotonic() - self._started_at > self.state.config.start_timeout_s:
                 self._start_error = ("transfer worker did not finish its handshake within "
                                      f"EplbConfig.start_timeout_s={self.state.config.start_timeout_s} s")
+            if self._start_error:
                 return
             msg = self.channel.poll()
             if msg is None:
@@ -246,7 +267,6 @@ class ProcessBackend(WorkerBackend):
             weights=[[handles.export_tensor(t) for t in layer] for layer in s.expert_weights],
             buffers=[[handles.export_tensor(t) for t in slot] for slot in self.buffers],
             load_total=handles.export_tensor(self.load_total),
-            progress=handles.export_tensor(self.progress),
             events=[e.export() for e in self.events],
             collective_timeout_s=float(s.config.layer_timeout_s))
 
@@ -281,53 +301,57 @@ class ProcessBackend(WorkerBackend):
             return "still running"
         return f"killed by signal {-code}" if code < 0 else f"exit code {code}"
 
+    @property
+    def exit_code(self) -> int | None:
+        """The worker's exit status (negative: the signal), ``None`` while it runs."""
+        return None if self.proc is None else self.proc.poll()
+
     def restart(self, rendezvous: str) -> None:
-        """Kill the current worker (if any) and start a new one; returns at once."""
-        self._stop_worker(grace_s=0.0)
-        self.restarts += 1
-        logger.warning("rank %d: restarting the transfer worker (restart %d)", self.state.rank,
-                       self.restarts)
+        """Kill the current worker at once (its rebalance was abandoned; its process group
+        is broken) and start a new one; returns at once, the old one is reaped elsewhere."""
+        self._stop_worker(kill=True)
         self._spawn(rendezvous)
 
-    def _stop_worker(self, grace_s: float) -> None:
-        """Ask, wait ``grace_s``, terminate, wait, kill; then close the channel."""
-        if self.proc is not None and self.proc.poll() is None:
-            if self.ready and grace_s > 0:
+    def _stop_worker(self, kill: bool, then: Callable[[], None] = lambda: None) -> None:
+        """Stop the worker without waiting: SIGKILL at once if ``kill``, it is not set up or
+        it is stopped (SIGSTOP), else ask it (``Shutdown``) and give it SHUTDOWN_GRACE_S before SIGTERM, then SIGKILL,
+        on a reaper thread, which calls ``then`` once it is gone. Closes the channel."""
+        proc, self.proc = self.proc, None
+        if proc is not None and proc.poll() is None:
+            polite = self.ready and not kill and not procs.is_stopped(proc.pid)
+            if polite:
                 try:
                     self.channel.send(Shutdown(reason="engine shutdown"))
                 except IpcError:
-                    pass
-            for action, wait_s in ((None, grace_s), (self.proc.terminate, SHUTDOWN_GRACE_S),
-                                   (self.proc.kill, SHUTDOWN_GRACE_S)):
-                if action is not None:
-                    action()
-                try:
-                    self.proc.wait(timeout=wait_s)
-                    break
-                except subprocess.TimeoutExpired:
-                    logger.warning("rank %d: transfer worker still running after %.1f s; "
-                                   "escalating", self.state.rank, wait_s)
+                    polite = False
+            if not polite:
+                proc.kill()
+            self.stopping = procs.reap(proc, SHUTDOWN_GRACE_S if polite else 0.0,
+                                       SHUTDOWN_GRACE_S, then)
+        else:
+            then()
+        self._phase = "stopped"
         if self.channel is not None:
             self.channel.close()
             self.channel = None
 
-    def close(self) -> None:
-        """Stop the worker (escalating), free the shared memory. Idempotent."""
-        self._stop_worker(grace_s=SHUTDOWN_GRACE_S)
-        if self.buffers:
-            for t in [t for slot in self.buffers for t in slot] + [self.load_total,
-                                                                    self.progress]:
+    #: The reaper thread of the last worker stopped (join it to wait for its exit).
+    stopping: threading.Thread | None = None
+
+    def close(self, kill: bool = False) -> None:
+        """Stop the worker (see :meth:`_stop_worker`; ``kill``: it is judged dead or hung)
+        and free the shared memory once it is gone. Returns at once. Idempotent."""
+        buffers, self.buffers = self.buffers, []
+        owned = [t for slot in buffers for t in slot] + ([self.load_total] if buffers else [])
+        weights, self._shared_weights = self._shared_weights, []
+
+        def release() -> None:
+            for t in owned + weights:
                 handles.release(t)
-            self.buffers = []
-        self._release_weights()
+            if buffers:
+                self.progress.close()
 
-    def _release_weights(self) -> None:
-        """End the weights' registration; they stay where they are (a CPU storage stays in
-        shared memory) and are freed when the engine drops them."""
-        for t in self._shared_weights:
-            handles.release(t)
-        self._shared_weights = []
-
+        self._stop_worker(kill, release)
 
 class ThreadBackend(WorkerBackend):
     """The same worker on a thread of the engine process (vLLM-style baseline). The thread
@@ -356,7 +380,7 @@ class ThreadBackend(WorkerBackend):
             serve(worker, link, StreamEvents(self.events, self.state.config.layer_timeout_s),
                   num_slots=self.state.config.num_staging_buffers,
                   layer_timeout_s=self.state.config.layer_timeout_s,
-                  progress=lambda: self.progress.add_(1))
+                  progress=self.progress.add)
         except BaseException as err:  # reported to the engine, which abandons the rebalance
             self._error = err
             logger.error("transfer thread failed:\n%s", traceback.format_exc())
@@ -374,13 +398,17 @@ class ThreadBackend(WorkerBackend):
     def exit_description(self) -> str:
         return "running" if self.alive() else f"thread ended ({self._error!r})"
 
-    def close(self) -> None:
+    def close(self, kill: bool = False) -> None:
+        """Ask the thread to stop and join it (a thread cannot be killed: ``kill`` changes
+        nothing)."""
         if self._thread.is_alive():
             self._link.send(Shutdown(reason="engine shutdown"))
             self._thread.join(timeout=SHUTDOWN_GRACE_S + self.state.config.layer_timeout_s)
             if self._thread.is_alive():
                 logger.warning("rank %d: transfer thread did not stop; leaving it (daemon)",
                                self.state.rank)
+                return
+        self.progress.close()
 
 
 def _thread_group(state: EplbState) -> dist.ProcessGroup:

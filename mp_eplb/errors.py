@@ -3,8 +3,8 @@ runtime faults, a closed state and bad load counts (the last two are also ``Valu
 
 from __future__ import annotations
 
-__all__ = ["EplbError", "InvalidLoadError", "StateClosedError", "WorkerFailedError",
-           "WorkerStartError"]
+__all__ = ["EplbError", "InvalidLoadError", "PeerFailedError", "StateClosedError",
+           "WorkerFailedError", "WorkerStartError"]
 
 
 class EplbError(Exception):
@@ -19,6 +19,12 @@ class WorkerStartError(EplbError):
 class WorkerFailedError(EplbError):
     """The transfer worker died, hung, or misbehaved during a rebalance. The rebalance was
     abandoned on every rank at the same step; committed layers stay and serving goes on."""
+
+
+class PeerFailedError(WorkerFailedError):
+    """Another rank's transfer worker failed; this rank's own worker was healthy and was
+    replaced only because the workers' process group spans every rank. The rank whose worker
+    really failed reports a plain :class:`WorkerFailedError`."""
 
 
 class StateClosedError(EplbError, ValueError):

@@ -1,13 +1,15 @@
 """Failpoints: named places in the transfer worker where a fault-injection run makes it fail.
 
 Off unless armed. The transfer subprocess arms them once at start-up from its environment
-(:func:`arm_from_env`, called by :mod:`mp_eplb.worker_process` only, so a failpoint never
+(:func:`arm_from_env`, called by :mod:`mp_eplb.worker_boot` only, so a failpoint never
 fires inside an engine process, not even in thread mode). Unarmed, :func:`failpoint` is one
 dictionary truth test.
 
 ``MP_EPLB_FAILPOINTS`` holds comma-separated specs ``POINT:ACTION[@COND]...``:
 
-- POINT (where the worker is): ``setup`` (Setup received, before opening handles),
+- POINT (where the worker is): ``boot`` (start-up, before torch is imported: only the
+  progress counter's heartbeat can tell a hang there), ``setup`` (Setup received, before
+  opening handles),
   ``plan`` (before the load all-reduce), ``policy`` (after it, before the policy runs),
   ``stage`` (before a layer is transferred into its staging buffer), ``ready`` (after
   ``LayerReady`` was sent, before the engine commits).
@@ -40,7 +42,7 @@ logger = logging.getLogger(__name__)
 
 ENV = "MP_EPLB_FAILPOINTS"
 LOG_ENV = "MP_EPLB_FAILPOINTS_LOG"
-POINTS = ("setup", "plan", "policy", "stage", "ready")
+POINTS = ("boot", "setup", "plan", "policy", "stage", "ready")
 ACTIONS = ("sigkill", "sigsegv", "sigterm", "exit", "raise", "hang")
 _SIGNALS = {"sigkill": signal.SIGKILL, "sigsegv": signal.SIGSEGV, "sigterm": signal.SIGTERM}
 

@@ -498,7 +498,7 @@ def _stray_children(keep: int | None) -> list[str]:
                 cmd = f.read()
         except (OSError, IndexError):
             continue
-        if fields[0] == b"Z" or b"mp_eplb.worker_process" in cmd:
+        if fields[0] == b"Z" or b"mp_eplb.worker_boot" in cmd:
             out.append(f"{pid}({fields[0].decode()})")
     return out
 
@@ -642,7 +642,7 @@ def _batch_job(ctx: _Rank) -> dict:
                 continue
             results.append(_run_scenario(ctx, state, driver, tracker, sc, first, workers))
     finally:
-        state.shutdown()
+        state.shutdown(wait=True)
         tracker.close()
     gpu_after = _gpu_free_mib(ctx.device)
     del state
@@ -746,14 +746,14 @@ def _parent_kill_job(ctx: _Rank) -> dict:
         worker_exit_s = _wait_exit(worker_pid, 5.0, t0)
         rank_exit_s = _wait_exit(rank_pid, 5.0, t0)
         t1 = time.monotonic()
-        state.shutdown()
+        state.shutdown(wait=True)
         shutdown_s = time.monotonic() - t1
         return {"mid_rebalance": mid, "victim_pid": rank_pid, "victim_worker": worker_pid,
                 "worker_exit_s": worker_exit_s, "rank_exit_s": rank_exit_s,
                 "survivor_shutdown_s": shutdown_s, "violations": driver.violations,
                 "children": _stray_children(None), "stale_sockets": tracker.stale_sockets()}
     finally:
-        state.shutdown()
+        state.shutdown(wait=True)
         tracker.close()
 
 
@@ -818,7 +818,7 @@ def _soak_job(ctx: _Rank) -> dict:
         end = _resources(state)
         restarts = state.worker_restarts
     finally:
-        state.shutdown()
+        state.shutdown(wait=True)
     history = state.history
     return {"finished": finished, "start": start, "end": end,
             "after_shutdown": _resources(None), "restarts": restarts,

@@ -20,11 +20,12 @@ from ipc.schema import message
 
 __all__ = [
     "PROTOCOL_VERSION", "WorkerTopology", "Setup", "SetupDone", "Rebalance", "Plan", "LayerReady", "BufferFree", "Abort",
-    "RebalanceDone", "WorkerError", "pack_int64", "unpack_int64",
+    "RebalanceDone", "WorkerError", "PEER_FAILED_KIND", "pack_int64", "unpack_int64",
 ]
 
-#: Version of this application protocol, exchanged in ``ipc.schema.Hello``.
-PROTOCOL_VERSION = 1
+#: Version of this application protocol, exchanged in ``ipc.schema.Hello``. 2: ``Setup`` lost
+#: ``progress`` (the counter is inherited at spawn, see :mod:`mp_eplb.worker_boot`).
+PROTOCOL_VERSION = 2
 
 
 def pack_int64(array: np.ndarray) -> bytes:
@@ -67,7 +68,6 @@ class Setup:
     ``weights[layer][i]``, ``buffers[slot][i]``: tensor handles (engine-owned memory).
     ``load_total``: handle of the ``[layers, logical]`` int64 window sum (engine writes it
     before recording ``events[0]`` and sending ``Rebalance``).
-    ``progress``: handle of an int64 ``[1]`` CPU counter the worker's loop advances.
     ``events``: interprocess CUDA event handles: ``events[0]`` is recorded by the engine when
     it asks for a rebalance (the load window is complete up to then), ``events[1 + slot]``
     after its last read of staging buffer ``slot``. Empty on CPU.
@@ -80,7 +80,6 @@ class Setup:
     weights: list[list[dict[str, Any]]]
     buffers: list[list[dict[str, Any]]]
     load_total: dict[str, Any]
-    progress: dict[str, Any]
     events: list[dict[str, Any]]
     collective_timeout_s: float
 
@@ -168,10 +167,16 @@ class RebalanceDone:
     aborted: bool
 
 
+#: ``WorkerError.kind`` of a worker whose collective with the peer workers failed (a peer
+#: rank's worker died or hung); it exits with ``worker_boot.PEER_FAILED_EXIT``.
+PEER_FAILED_KIND = "PeerFailed"
+
+
 @message("eplb.error")
 @dataclass(frozen=True)
 class WorkerError:
-    """The worker hit an exception; it sends this before it exits."""
+    """The worker hit an exception; it sends this before it exits. ``kind``: the exception's
+    type name, or :data:`PEER_FAILED_KIND`."""
 
     rebalance_id: int
     kind: str

@@ -16,6 +16,7 @@ the rebalance together. Outside a rebalance there is no collective at all.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -27,12 +28,15 @@ import torch.distributed as dist
 from ipc.schema import Goodbye
 from mp_eplb.backends import WorkerBackend, make_backend, rendezvous as _rendezvous_for
 from mp_eplb.config import EplbConfig
-from mp_eplb.errors import EplbError, InvalidLoadError, StateClosedError, WorkerFailedError
+from mp_eplb.errors import (EplbError, InvalidLoadError, PeerFailedError, StateClosedError,
+                            WorkerFailedError)
 from mp_eplb.maps import RoutingMaps, maps_from_phy2log, validate_phy2log
-from mp_eplb.messages import (Abort, BufferFree, LayerReady, Plan, Rebalance, RebalanceDone,
-                              WorkerError, WorkerTopology, pack_int64, unpack_int64)
+from mp_eplb.messages import (PEER_FAILED_KIND, Abort, BufferFree, LayerReady, Plan, Rebalance,
+                              RebalanceDone, WorkerError, WorkerTopology, pack_int64,
+                              unpack_int64)
 from mp_eplb.policy import global_policy_reason, rebalance_experts
 from mp_eplb.transfer import TransferMetadata, move_from_buffer, rearrange_expert_weights_inplace
+from mp_eplb.worker_boot import PEER_FAILED_EXIT
 
 __all__ = ["EplbState", "StepReport", "RebalanceRecord"]
 
@@ -197,13 +201,19 @@ class EplbState:
         self._load_min = torch.full((1,), _NO_MINIMUM, dtype=torch.int64, device=self.device)
         self._load_min_fed = False
         self.history: list[RebalanceRecord] = []
+        #: The latest error recorded (sticky; see :attr:`healthy` and :attr:`error_count`).
         self.last_error: EplbError | None = None
+        #: How many errors were recorded since construction (each also sets ``last_error``).
+        self.error_count = 0
+        self._healthy = True
+        self._restarted = False
+        self._restarts = 0
+        self._stopping: threading.Thread | None = None
         self._inflight: _InFlight | None = None
         self._next_id = 0
         self._backend: WorkerBackend | None = None
-        self._worker_fault = ""
+        self._worker_fault: WorkerFailedError | None = None
         self._last_watch = 0.0
-        self._progress_seen = (-1, time.monotonic())
         #: ``[window, layers, logical]`` int64 tokens per logical expert, one row per step.
         self.load_window = torch.zeros(self._window_shape(), dtype=torch.int64,
                                        device=self.device)
@@ -268,18 +278,31 @@ class EplbState:
 
     @property
     def worker_restarts(self) -> int:
-        """How many times the transfer worker was replaced after a failure."""
-        return getattr(self._backend, "restarts", 0)
+        """How many times the transfer worker was replaced after a failure (this rank's or a
+        peer's); kept after :meth:`shutdown`."""
+        return self._restarts
 
-    def shutdown(self) -> None:
-        """Stop the worker (escalating to kill past its deadline) and free shared memory.
-        A rebalance in flight is abandoned; committed layers stay. Idempotent; ``step()``
-        afterwards raises ``StateClosedError``."""
+    @property
+    def healthy(self) -> bool:
+        """``False`` from a recorded error (``last_error``) until the next rebalance that
+        completes or the next worker restart that reaches ``SetupDone``."""
+        return self._healthy
+
+    def shutdown(self, wait: bool = False) -> None:
+        """Stop the worker and free the shared memory, without waiting for the process:
+        a worker judged dead or hung (or still starting) is SIGKILLed at once; a healthy one
+        gets ``Shutdown`` and ``backends.SHUTDOWN_GRACE_S`` to exit, then SIGTERM, then
+        SIGKILL, on a reaper thread (``wait=True`` joins it). A rebalance in flight is
+        abandoned; committed layers stay. Idempotent; ``step()`` afterwards raises
+        ``StateClosedError``."""
         self._closed = True
         if self._backend is not None:
-            self._backend.close()
+            self._backend.close(kill=self._health() is not None)
+            self._stopping = getattr(self._backend, "stopping", None)
             self._backend = None
         self._inflight = None
+        if wait and self._stopping is not None:
+            self._stopping.join()
 
     def __enter__(self) -> EplbState:
         return self
@@ -344,15 +367,14 @@ class EplbState:
         reason = (f"expert_load held a negative token count (minimum {low}) before the rebalance "
                   f"at step {self.step_count}; that rebalance is skipped on every rank and this "
                   "rank's load window cleared; pass token counts >= 0")
-        logger.error("rank %d: %s", self.rank, reason)
-        self.last_error = InvalidLoadError(reason)
+        self._record_error(InvalidLoadError(reason))
         return reason
 
-    def _agree_at_start(self, fault: str) -> tuple[bool, str]:
+    def _agree_at_start(self, faulty: bool) -> tuple[bool, str]:
         """One MAX all-reduce at a rebalance start: (any rank's worker is faulty, why this
         rebalance is skipped: "" unless some rank's load was negative)."""
         bad_load = self._take_load_fault()
-        flags = torch.tensor([int(bool(fault)), int(bool(bad_load))], dtype=torch.int64)
+        flags = torch.tensor([int(faulty), int(bool(bad_load))], dtype=torch.int64)
         if self.world_size > 1:
             dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self.cpu_group)
         if flags[1] and not bad_load:
@@ -372,7 +394,7 @@ class EplbState:
     # -- sync mode --------------------------------------------------------------------------
 
     def _rearrange_now(self) -> list[int]:
-        _, bad_load = self._agree_at_start("")
+        _, bad_load = self._agree_at_start(False)
         if bad_load:
             self._skip(bad_load)
             return []
@@ -406,24 +428,26 @@ class EplbState:
 
     # -- process / thread mode --------------------------------------------------------------
 
-    def _health(self) -> str:
-        """Why the worker cannot serve ("" if it can): exited, failed to start, or hung
-        (its progress counter stood still for ``heartbeat_timeout_s`` while it was up)."""
+    def _health(self) -> WorkerFailedError | None:
+        """Why the worker cannot serve (``None`` if it can): a fault already recorded, it
+        exited (a ``PeerFailedError`` if it stopped because a peer's collective failed),
+        failed to start, or hung (its progress counter stood still for
+        ``heartbeat_timeout_s``, during start-up too)."""
         backend = self._backend
-        if self._worker_fault:
+        if self._worker_fault is not None:
             return self._worker_fault
         if not backend.alive():
-            return f"transfer worker exited ({backend.exit_description()})"
+            reason = f"transfer worker exited ({backend.exit_description()})"
+            if getattr(backend, "exit_code", None) == PEER_FAILED_EXIT:
+                return PeerFailedError(f"{reason} because a peer rank's worker failed")
+            return WorkerFailedError(reason)
         if not backend.ready:
-            return ""
-        now, count = time.monotonic(), backend.progress_count()
-        if count != self._progress_seen[0]:
-            self._progress_seen = (count, now)
-        elif now - self._progress_seen[1] > self.config.heartbeat_timeout_s:
-            return (f"transfer worker made no progress for {now - self._progress_seen[1]:.1f} s "
-                    f"(EplbConfig.heartbeat_timeout_s={self.config.heartbeat_timeout_s}); "
-                    "treating it as hung")
-        return ""
+            return None
+        if self._restarted:
+            self._restarted = False
+            self._healthy = True
+        hung = backend.hung()
+        return WorkerFailedError(hung) if hung else None
 
     def _watch_idle(self) -> None:
         """Between rebalances: every WATCH_INTERVAL_S, take worker messages and check its
@@ -436,7 +460,7 @@ class EplbState:
         while (msg := self._backend.poll()) is not None:
             self._take_idle_message(msg)
         fault = self._health()
-        if fault and not self._worker_fault:
+        if fault is not None and self._worker_fault is None:
             self._record_fault(fault)
 
     def _take_idle_message(self, msg: object) -> None:
@@ -445,42 +469,60 @@ class EplbState:
                 if record.rebalance_id == msg.rebalance_id:
                     record.bytes_staged, record.stage_s = msg.bytes_staged, msg.stage_s
         elif isinstance(msg, WorkerError):
-            self._record_fault(f"transfer worker failed: {msg.kind}: {msg.detail}")
+            self._record_fault(_reported(msg))
         elif isinstance(msg, Goodbye):
-            self._record_fault(f"transfer worker said goodbye: {msg.reason}")
+            self._record_fault(WorkerFailedError(f"transfer worker said goodbye: {msg.reason}"))
         else:
             logger.debug("rank %d: ignoring %s between rebalances", self.rank, type(msg).__name__)
 
-    def _record_fault(self, reason: str) -> None:
-        logger.error("rank %d: %s", self.rank, reason)
-        self._worker_fault = reason
-        self.last_error = WorkerFailedError(reason)
+    def _record_error(self, error: EplbError) -> None:
+        """Log ``error`` (a peer's failure as a WARNING) and make it ``last_error``: counted,
+        and ``healthy`` is ``False``."""
+        level = logging.WARNING if isinstance(error, PeerFailedError) else logging.ERROR
+        logger.log(level, "rank %d: %s: %s", self.rank, type(error).__name__, error)
+        self.last_error = error
+        self.error_count += 1
+        self._healthy = self._restarted = False
+
+    def _record_fault(self, fault: WorkerFailedError) -> None:
+        self._worker_fault = fault
+        self._record_error(fault)
 
     def _restart_workers(self) -> None:
         """Replace every rank's worker (collective: all ranks call it at the same step). The
         workers' process group spans all ranks, so one failure means a new group for all."""
         if not self._backend.restartable:
             return
+        self._restarts += 1
+        logger.warning("rank %d: restarting the transfer worker (restart %d)", self.rank,
+                       self._restarts)
         self._backend.restart(_rendezvous_for(self))
-        self._worker_fault = ""
-        self._progress_seen = (-1, time.monotonic())
+        self._worker_fault = None
+        self._restarted = True
 
     def _start(self) -> bool:
         """Start a rebalance (collective); ``False`` when every rank skips it (a bad load)."""
         assert self._backend is not None
         fault = self._health()
-        any_fault, bad_load = self._agree_at_start(fault)
+        if fault is not None and self._worker_fault is None:
+            self._record_fault(fault)  # found only now: recorded, never restarted silently
+        any_fault, bad_load = self._agree_at_start(fault is not None)
         if bad_load:
             self._skip(bad_load)
             return False
         if any_fault:
+            if fault is None:
+                self._record_error(PeerFailedError(
+                    "a peer rank's transfer worker failed; this rank's healthy worker is "
+                    "replaced too (the workers' process group spans every rank)"))
             self._restart_workers()
         record = RebalanceRecord(self._next_id, self.step_count, time.perf_counter())
         self._next_id += 1
         self._inflight = _InFlight(record)
         self.history.append(record)
         if any_fault and not self._backend.restartable:
-            self._inflight.failure = fault or "a peer rank's transfer worker is unavailable"
+            self._inflight.failure = (str(fault) if fault is not None
+                                      else "a peer rank's transfer worker is unavailable")
             return True
         torch.sum(self.load_window, dim=0, out=self._backend.load_total)
         self._backend.record_load_event()
@@ -498,7 +540,10 @@ class EplbState:
         staged, has_plan, ok = self._agree(flight)
         flight.record.agreement_s.append(time.perf_counter() - t0)
         if not ok:
-            self._abandon(flight, flight.failure or "a peer rank's transfer failed")
+            if not flight.failure:  # a peer's, unless this worker failed since the check
+                self._fail(flight, self._health() or PeerFailedError(
+                    "a peer rank's transfer failed; this rank's worker was healthy"))
+            self._abandon(flight, flight.failure)
             return [], True
         committed: list[int] = []
         if has_plan:
@@ -524,7 +569,7 @@ class EplbState:
         rid = flight.record.rebalance_id
         while (msg := self._backend.poll()) is not None:
             if isinstance(msg, WorkerError):
-                self._fail(flight, f"transfer worker failed: {msg.kind}: {msg.detail}")
+                self._fail(flight, _reported(msg))
                 continue
             if getattr(msg, "rebalance_id", rid) != rid:
                 logger.debug("rank %d: dropping %s of rebalance %s", self.rank,
@@ -581,7 +626,7 @@ class EplbState:
         if flight.failure:
             return
         fault = self._health()
-        if fault:
+        if fault is not None:
             self._fail(flight, fault)
             return
         if not self._backend.ready:  # a (re)start is bounded by start_timeout_s (_health)
@@ -595,11 +640,13 @@ class EplbState:
             self._fail(flight, f"no progress from the transfer worker for {idle:.1f} s "
                                f"(EplbConfig.layer_timeout_s={self.config.layer_timeout_s})")
 
-    def _fail(self, flight: _InFlight, reason: str) -> None:
+    def _fail(self, flight: _InFlight, fault: str | WorkerFailedError) -> None:
+        """Record the first failure of ``flight`` (a reason: this rank's worker's fault); the
+        next agreement abandons the rebalance on every rank."""
         if not flight.failure:
-            logger.error("rank %d rebalance %d: %s", self.rank, flight.record.rebalance_id, reason)
-            flight.failure = reason
-            self.last_error = WorkerFailedError(reason)
+            error = fault if isinstance(fault, WorkerFailedError) else WorkerFailedError(fault)
+            flight.failure = f"rebalance {flight.record.rebalance_id}: {error}"
+            self._record_error(error)
 
     def _commit(self, flight: _InFlight, index: int) -> int:
         """Apply plan entry ``index``: buffer -> live weights, then this layer's maps."""
@@ -635,6 +682,8 @@ class EplbState:
 
     def _finish(self, flight: _InFlight) -> None:
         flight.record.end_step, flight.record.ended_at = self.step_count, time.perf_counter()
+        if not flight.record.aborted:
+            self._healthy = True
         logger.info("rank %d rebalance %d done: %d layers committed by step %d", self.rank,
                     flight.record.rebalance_id, flight.committed, self.step_count)
         self._inflight = None
@@ -648,7 +697,15 @@ class EplbState:
             self._restart_workers()
         else:
             self._backend.send(Abort(rebalance_id=flight.record.rebalance_id, reason=reason))
-            self._worker_fault = self._worker_fault or reason
+            self._worker_fault = self._worker_fault or WorkerFailedError(reason)
+
+
+def _reported(msg: WorkerError) -> WorkerFailedError:
+    """The error a worker's ``WorkerError`` stands for (its own, or a peer's)."""
+    if msg.kind == PEER_FAILED_KIND:
+        return PeerFailedError(f"transfer worker stopped: a peer rank's worker failed "
+                               f"({msg.detail})")
+    return WorkerFailedError(f"transfer worker failed: {msg.kind}: {msg.detail}")
 
 
 def _validate_weights(expert_weights: Sequence[Sequence[torch.Tensor]]) -> list[list[torch.Tensor]]:

@@ -1,20 +1,17 @@
-"""Entry point of the transfer subprocess: ``python -m mp_eplb.worker_process``.
+"""The transfer subprocess after its bootstrap (:mod:`mp_eplb.worker_boot`, the entry point).
 
-The process wrapper around :mod:`mp_eplb.serve`: it watches its parent, connects the
-channel with the session key from its environment, opens the handles of :class:`Setup`,
-joins the workers' process group, then serves until ``Shutdown``. Any exception is sent
-to the engine as :class:`WorkerError` before the process exits non-zero.
+The process wrapper around :mod:`mp_eplb.serve`: it connects the channel with the session
+key of its :class:`~mp_eplb.worker_boot.StartInfo`, opens the handles of :class:`Setup`,
+joins the workers' process group, then serves until ``Shutdown``. Any exception is sent to
+the engine as :class:`WorkerError` before the process exits non-zero: with
+``PEER_FAILED_EXIT`` (kind ``PEER_FAILED_KIND``) when a collective with the peer workers
+failed, so the engine blames the peer rank, not this worker.
 """
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import os
-import signal
-import sys
-import threading
-import time
 import traceback
 from datetime import timedelta
 
@@ -23,99 +20,83 @@ import torch.distributed as dist
 
 from ipc import handles
 from ipc.channel import Channel
-from ipc.codec import key_from_env
 from ipc.errors import IpcError
 from ipc.events import SharedEvent
 from ipc.schema import Goodbye, Hello
-from mp_eplb.backends import ENDPOINT_ENV, PARENT_PID_ENV, START_TIMEOUT_ENV
-from mp_eplb.failpoints import arm_from_env, failpoint
-from mp_eplb.messages import PROTOCOL_VERSION, Setup, SetupDone, WorkerError
+from mp_eplb.failpoints import failpoint
+from mp_eplb.messages import PEER_FAILED_KIND, PROTOCOL_VERSION, Setup, SetupDone, WorkerError
 from mp_eplb.serve import StreamEvents, serve
 from mp_eplb.worker import build_worker
+from mp_eplb.worker_boot import PEER_FAILED_EXIT, ProgressCounter, StartInfo
 
 __all__ = ["main"]
 
 logger = logging.getLogger("mp_eplb.worker_process")
 
-#: Seconds between checks that the parent is still alive (backs up PR_SET_PDEATHSIG).
-PARENT_CHECK_S = 0.2
-_PR_SET_PDEATHSIG = 1
+#: What gloo says (a plain RuntimeError) when the other end of a collective is gone or
+#: never came; NCCL raises ``dist.DistError`` subclasses.
+_PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "Timed out waiting")
 
 
-def _watch_parent(parent_pid: int) -> None:
-    """Die with the parent: PR_SET_PDEATHSIG (Linux) plus a getppid poll on a thread."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    except (OSError, AttributeError):
-        logger.debug("PR_SET_PDEATHSIG unavailable; relying on the parent poll")
-    if os.getppid() != parent_pid:
-        os._exit(3)
-
-    def poll() -> None:
-        while True:
-            if os.getppid() != parent_pid:
-                os._exit(3)
-            time.sleep(PARENT_CHECK_S)
-
-    threading.Thread(target=poll, name="parent-watch", daemon=True).start()
+def _peer_failed(err: BaseException) -> bool:
+    """Whether ``err`` is a collective with the peer workers failing (not this worker)."""
+    return isinstance(err, dist.DistError) or (
+        isinstance(err, RuntimeError) and any(text in str(err) for text in _PEER_GONE))
 
 
-def _open_setup(setup: Setup):
+def _open_setup(setup: Setup, progress: ProgressCounter):
     device = torch.device(setup.device)
     if device.type == "cuda":
-        torch.cuda.set_device(device)
+        with progress.waiting(setup.collective_timeout_s):  # CUDA context creation
+            torch.cuda.set_device(device)
     weights = [[handles.open_tensor(h) for h in layer] for layer in setup.weights]
     buffers = [[handles.open_tensor(h) for h in slot] for slot in setup.buffers]
     load_total = handles.open_tensor(setup.load_total)
     events = [SharedEvent.open(h) for h in setup.events]
-    progress = handles.open_tensor(setup.progress, expect={"shape": (1,), "dtype": torch.int64,
-                                                           "device": "cpu"})
     backend = "nccl" if setup.communicator == "nccl" else "gloo"
-    dist.init_process_group(backend, init_method=setup.rendezvous, rank=setup.topology.rank,
-                            world_size=setup.topology.world_size,
-                            timeout=timedelta(seconds=setup.collective_timeout_s),
-                            device_id=device if backend == "nccl" else None)
-    worker = build_worker(topology=setup.topology, communicator=setup.communicator, device=device,
-                          weights=weights, buffers=buffers, load_total=load_total,
-                          group=dist.group.WORLD, weight_handles=setup.weights)
-    return worker, StreamEvents(events, setup.collective_timeout_s), progress
+    with progress.waiting(setup.collective_timeout_s):  # meets the peers, which may be slow
+        dist.init_process_group(backend, init_method=setup.rendezvous, rank=setup.topology.rank,
+                                world_size=setup.topology.world_size,
+                                timeout=timedelta(seconds=setup.collective_timeout_s),
+                                device_id=device if backend == "nccl" else None)
+        worker = build_worker(topology=setup.topology, communicator=setup.communicator,
+                              device=device, weights=weights, buffers=buffers,
+                              load_total=load_total, group=dist.group.WORLD,
+                              weight_handles=setup.weights)
+    return worker, StreamEvents(events, setup.collective_timeout_s)
 
 
-def main() -> int:
+def main(info: StartInfo, progress: ProgressCounter) -> int:
+    """Serve the engine described by ``info``, advancing ``progress``; the exit status."""
     logging.basicConfig(level=os.environ.get("MP_EPLB_WORKER_LOG", "WARNING"),
                         format="%(asctime)s worker[%(process)d] %(name)s %(levelname)s "
                                "%(message)s")
-    _watch_parent(int(os.environ[PARENT_PID_ENV]))
-    arm_from_env()
-    channel = Channel.connect(os.environ[ENDPOINT_ENV], key_from_env())
-    rebalance_id = -1
+    channel = Channel.connect(info.endpoint, bytes.fromhex(info.key))
     try:
         channel.send(Hello(protocol_version=PROTOCOL_VERSION, pid=os.getpid(), role="eplb-worker"))
-        setup = channel.recv(timeout=float(os.environ[START_TIMEOUT_ENV]))
+        with progress.waiting(info.start_timeout_s):  # the engine answers at its next step
+            setup = channel.recv(timeout=info.start_timeout_s)
         if not isinstance(setup, Setup):
             raise TypeError(f"expected Setup first, got {type(setup).__name__}")
         failpoint("setup")
-        worker, events, progress = _open_setup(setup)
+        worker, events = _open_setup(setup, progress)
         channel.send(SetupDone(pid=os.getpid()))
         serve(worker, channel, events, num_slots=len(setup.buffers),
-              layer_timeout_s=setup.collective_timeout_s, progress=lambda: progress.add_(1))
+              layer_timeout_s=setup.collective_timeout_s, progress=progress.add)
         channel.send(Goodbye(reason="shutdown requested", exit_code=0))
         return 0
     except BaseException as err:
         logger.error("transfer worker failed:\n%s", traceback.format_exc())
+        peer = _peer_failed(err)
         try:
-            channel.send(WorkerError(rebalance_id=rebalance_id, kind=type(err).__name__,
+            channel.send(WorkerError(rebalance_id=-1,
+                                     kind=PEER_FAILED_KIND if peer else type(err).__name__,
                                      detail=str(err)[:2000]))
         except IpcError:
             pass
-        return 1
+        return PEER_FAILED_EXIT if peer else 1
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
         handles.close_all()
         channel.close()
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,9 +1,16 @@
 import multiprocessing as mp
+import os
+import select
 import signal
+import subprocess
+import sys
+import threading
 import time
 from multiprocessing.synchronize import Event
 
-from ipc.procs import stop_processes
+import pytest
+
+from ipc.procs import inheritable_pipe, is_stopped, reap, spawn, stop_processes
 
 START_TIMEOUT_S = 120.0  # spawn start-up on a loaded machine; only an upper bound
 
@@ -39,3 +46,60 @@ def test_waits_for_exits_then_escalates_to_kill() -> None:
             if proc.is_alive():
                 proc.kill()
             proc.join(10)
+
+
+#: A child that arms PR_SET_PDEATHSIG, says so on the pipe fd in argv, then sleeps.
+_ARMED_CHILD = ("import ctypes, os, signal, sys, time; "
+                "ctypes.CDLL(None).prctl(1, signal.SIGKILL, 0, 0, 0); "
+                "os.write(int(sys.argv[1]), b'armed'); time.sleep(300)")
+
+
+def _spawn_armed_child() -> subprocess.Popen:
+    """A child spawned through ipc.procs.spawn; returns once it has armed PR_SET_PDEATHSIG."""
+    read_fd, write_fd = os.pipe()
+    try:
+        proc = spawn([sys.executable, "-c", _ARMED_CHILD, str(write_fd)], pass_fds=(write_fd,))
+    finally:
+        os.close(write_fd)
+    with os.fdopen(read_fd, "rb") as pipe:
+        assert pipe.read(5) == b"armed"
+    return proc
+
+
+def test_a_child_spawned_for_an_ended_thread_lives_on_and_is_reaped_in_the_background() -> None:
+    """PR_SET_PDEATHSIG fires when the forking thread exits: spawn() forks from a thread that
+    never does. reap() returns at once and the child is gone once its thread is joined."""
+    spawned: list[subprocess.Popen] = []
+    asker = threading.Thread(target=lambda: spawned.append(_spawn_armed_child()))
+    asker.start()
+    asker.join(START_TIMEOUT_S)
+    (proc,) = spawned
+    try:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while os.path.exists(f"/proc/self/task/{asker.native_id}"):  # the OS thread is gone
+            assert time.monotonic() < deadline, "the asking thread did not end"
+            time.sleep(0.01)
+        time.sleep(1.0)  # a fired PDEATHSIG would have killed it by now (not a verdict margin:
+        assert proc.poll() is None  # on a loaded machine this can only miss the bug, not flake)
+        os.kill(proc.pid, signal.SIGSTOP)
+        while not is_stopped(proc.pid):
+            assert time.monotonic() < deadline, "SIGSTOP did not stop the child"
+            time.sleep(0.01)
+        proc.kill()  # a stopped process ignores all but SIGKILL: kill first, then reap
+        started = time.monotonic()
+        reaper = reap(proc, grace_s=60.0, escalate_s=60.0)
+        assert time.monotonic() - started < 1.0, "reap() waited for the process"
+        reaper.join(START_TIMEOUT_S)
+        assert proc.returncode == -signal.SIGKILL
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+
+
+def test_inheritable_pipe_refuses_more_than_a_pipe_takes_at_once() -> None:
+    fd = inheritable_pipe(b"x" * select.PIPE_BUF)
+    with os.fdopen(fd, "rb") as pipe:
+        assert pipe.read() == b"x" * select.PIPE_BUF
+    with pytest.raises(ValueError, match="PIPE_BUF"):
+        inheritable_pipe(b"x" * (select.PIPE_BUF + 1))

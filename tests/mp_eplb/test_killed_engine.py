@@ -86,8 +86,9 @@ def test_killed_engine_leaves_no_shm_no_socket_dir_no_worker(how: str, exitcode:
         sock_dir = os.path.dirname(info["endpoint"].removeprefix("ipc://"))
         assert _running(info["worker"]) and os.path.isdir(sock_dir)
         memfds, unlinked = _shared_files(proc.pid)
-        # 2 weights shared in place (torch's unlinked files), 2 staging buffers, load, progress
-        assert len(info["segments"]) == 6 and len(memfds) == 4 and len(unlinked) == 2
+        # 2 weights shared in place (torch's unlinked files), 2 staging buffers, load (the
+        # progress counter is an inherited memfd of its own, not a segment)
+        assert len(info["segments"]) == 5 and len(memfds) == 3 and len(unlinked) == 2
         assert _named_shm(proc.pid) == []  # nothing is named, even while alive
         if how == "sigterm":
             proc.terminate()

@@ -7,7 +7,6 @@ identical. Loads are skewed and drift, so rebalances really move experts.
 
 from __future__ import annotations
 
-import glob
 import os
 import time
 
@@ -17,6 +16,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.distributed_c10d as c10d
 
+from ipc import handles
 from mp_eplb import EplbConfig, EplbState
 from tests.mp_eplb.dist_utils import run_distributed
 from tests.mp_eplb.state_utils import encode_rows, skewed_load
@@ -168,18 +168,17 @@ def _shutdown_mid_rebalance(rank: int, world: int) -> dict:
         step += 1
         time.sleep(0.001)
     active = state.rebalance_active
-    state.shutdown()
+    state.shutdown(wait=True)
     _check_rank(state, world)
     return {"committed": committed, "active": active, "exit": proc.poll(),
-            "endpoint": endpoint}
+            "endpoint": endpoint, "owned": handles.live_segments()}
 
 
 def test_shutdown_mid_rebalance_leaves_consistent_layers_and_nothing_behind() -> None:
-    before = set(glob.glob("/dev/shm/mp_eplb_*"))
     results = run_distributed(_shutdown_mid_rebalance, 2, timeout_s=200)
     for result in results:
         assert result["committed"], "no layer was committed before the shutdown"
         assert result["exit"] is not None, "transfer worker still running after shutdown"
         path = result["endpoint"].removeprefix("ipc://")
         assert not os.path.exists(path), f"socket file {path} left behind"
-    assert set(glob.glob("/dev/shm/mp_eplb_*")) <= before, "shared-memory segments left behind"
+        assert result["owned"] == [], f"shared-memory segments still owned: {result['owned']}"
