@@ -24,7 +24,7 @@ __all__ = [
 ]
 
 #: Version of this application protocol, exchanged in ``ipc.schema.Hello``.
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 
 
 def pack_int64(array: np.ndarray) -> bytes:
@@ -109,13 +109,17 @@ class Rebalance:
 @dataclass(frozen=True)
 class Plan:
     """The new placement of every layer (identical on all ranks) and the layers that change,
-    in the order they will be staged."""
+    in the order they will be staged. ``balancedness_before``/``_after``: mean over layers of
+    mean / max tokens per rank on the load window the policy read, under the old and the new
+    placement (:func:`mp_eplb.policy.mean_balancedness`)."""
 
     rebalance_id: int
     layers: list[int]
     phy2log: bytes
     shape: list[int]
     policy_s: float
+    balancedness_before: float
+    balancedness_after: float
 
 
 @message("eplb.ready")
