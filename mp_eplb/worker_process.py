@@ -27,6 +27,7 @@ from ipc.codec import key_from_env
 from ipc.errors import IpcError
 from ipc.events import SharedEvent
 from ipc.schema import Goodbye, Hello
+from mp_eplb import logs
 from mp_eplb.backends import ENDPOINT_ENV, PARENT_PID_ENV, START_TIMEOUT_ENV
 from mp_eplb.failpoints import arm_from_env, failpoint
 from mp_eplb.messages import PROTOCOL_VERSION, Setup, SetupDone, WorkerError
@@ -83,9 +84,7 @@ def _open_setup(setup: Setup):
 
 
 def main() -> int:
-    logging.basicConfig(level=os.environ.get("MP_EPLB_WORKER_LOG", "WARNING"),
-                        format="%(asctime)s worker[%(process)d] %(name)s %(levelname)s "
-                               "%(message)s")
+    logs.configure(f"worker[{os.getpid()}]")  # MP_EPLB_LOG, inherited from the engine
     _watch_parent(int(os.environ[PARENT_PID_ENV]))
     arm_from_env()
     channel = Channel.connect(os.environ[ENDPOINT_ENV], key_from_env())
