@@ -1160,6 +1160,7 @@ def run_scenarios(names: Sequence[str] | None = None,
         for sc in (s for s in chosen if s.kind == "parent_kill"):
             run = _launch("parent_kill", [sc], options, os.path.join(tmp, "unused"))
             out[sc.name] = _evaluate_parent_kill(sc, run, options)
+            announce(f"faults: {sc.name} finished: {'ok' if out[sc.name].ok else 'FAIL'}")
     return [out[sc.name] for sc in chosen]
 
 
