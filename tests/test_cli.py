@@ -79,4 +79,4 @@ def test_demo_flags_use_the_library_names_and_the_old_spellings_still_work() -> 
     old = build_parser().parse_args(["demo", "--rebalance-interval", "40", "--window", "20",
                                      "--redundant", "6"])
     for args in (new, old):
-        assert (args.rebalance_interval, args.window, args.num_redundant_experts) == (40, 20, 6)
+        assert (args.rebalance_interval, args.window, args.redundant) == (40, 20, 6)

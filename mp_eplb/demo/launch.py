@@ -161,19 +161,20 @@ def add_model_arguments(parser: argparse.ArgumentParser, default: MoEConfig | No
     (the caller fills them, e.g. from a per-device preset)."""
     model = parser.add_argument_group("model")
     base = default or MoEConfig()
-    for flag, name, text, kind in (
-            ("--layers", "num_layers", "MoE layers", positive_int),
-            ("--experts", "num_experts", "logical experts per layer", positive_int),
-            ("--num-redundant-experts", "num_redundant", "redundant physical slots per layer",
-             non_negative_int),
-            ("--hidden", "hidden", "hidden size", positive_int),
-            ("--inter", "inter", "expert intermediate size", positive_int),
-            ("--top-k", "top_k", "experts per token", positive_int),
-            ("--tokens", "tokens_per_rank", "tokens per rank per step", positive_int),
-            ("--drift-interval", "drift_interval",
+    # flags: the name (like EplbConfig's field where there is one), then older spellings; the
+    # last one names the attribute
+    for flags, name, text, kind in (
+            (("--layers",), "num_layers", "MoE layers", positive_int),
+            (("--experts",), "num_experts", "logical experts per layer", positive_int),
+            (("--num-redundant-experts", "--redundant"), "num_redundant",
+             "redundant physical slots per layer", non_negative_int),
+            (("--hidden",), "hidden", "hidden size", positive_int),
+            (("--inter",), "inter", "expert intermediate size", positive_int),
+            (("--top-k",), "top_k", "experts per token", positive_int),
+            (("--tokens",), "tokens_per_rank", "tokens per rank per step", positive_int),
+            (("--drift-interval",), "drift_interval",
              "steps between changes of each layer's hot experts", positive_int)):
-        aliases = ("--redundant",) if flag == "--num-redundant-experts" else ()
-        model.add_argument(flag, *aliases, dest=flag[2:].replace("-", "_"), type=kind,
+        model.add_argument(*flags, dest=flags[-1][2:].replace("-", "_"), type=kind,
                            default=getattr(default, name, None),
                            help=f"{text} (default {getattr(base, name) if default else 'preset'})")
     model.add_argument("--zipf", type=float, default=getattr(default, "zipf", None),
@@ -199,7 +200,7 @@ def config_from_args(args: argparse.Namespace) -> MoEConfig:
     if args.dtype == "bfloat16" and args.device != "cuda":
         raise ConfigError("--dtype bfloat16 needs --device cuda; use float32 on CPU")
     cfg = MoEConfig(hidden=args.hidden, inter=args.inter, num_layers=args.layers,
-                    num_experts=args.experts, top_k=args.top_k, num_redundant=args.num_redundant_experts,
+                    num_experts=args.experts, top_k=args.top_k, num_redundant=args.redundant,
                     tokens_per_rank=args.tokens, seed=args.seed, zipf=args.zipf,
                     drift_interval=args.drift_interval, dtype=_DTYPES[args.dtype])
     cfg.slots_per_rank(args.ranks)
