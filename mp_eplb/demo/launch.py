@@ -38,7 +38,7 @@ from mp_eplb.state import EplbState
 from mp_eplb.demo.engine import (Balancer, DriftingModel, RankResult, StaticBalancer,
                                  format_report, rebalance_report, run_engine, summarize)
 from mp_eplb.demo.model import ConfigError, MoEConfig, MoEModel
-from mp_eplb.demo.schedule import default_schedule
+from mp_eplb.demo.schedule import Schedule, default_schedule, settle_steps
 
 __all__ = [
     "DemoFailure",
@@ -404,6 +404,12 @@ def run_ranks(args: argparse.Namespace) -> list[RankResult]:
         raise ConfigError(f"--ranks {args.ranks} needs {args.ranks} GPUs, "
                           f"{torch.cuda.device_count()} visible; lower --ranks")
     plain = argparse.Namespace(**{k: v for k, v in vars(args).items() if not callable(v)})
+    if args.mode != "none":
+        schedule = Schedule(args.steps, args.rebalance_interval, args.drift_interval,
+                            args.drift_offset)
+        for problem in schedule.conflicts(settle_steps(args.layers, args.layers_per_step)):
+            logger.warning("schedule: %s (mp_eplb.demo.schedule.default_schedule avoids it)",
+                           problem)
     if not args.quiet:
         announce(f"mp-eplb demo: starting {args.ranks} rank processes ({args.device}, mode "
                  f"{args.mode}, {args.steps} steps, 0-based step numbers)")

@@ -52,3 +52,12 @@ def test_a_run_on_the_default_schedule_finishes_every_rebalance() -> None:
     for result in run_ranks(args):
         assert result.started == schedule.rebalance_starts()
         assert len(result.finished) == len(result.started)
+
+
+def test_a_conflicting_schedule_is_warned_about_before_the_run(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.setattr("mp_eplb.demo.launch.spawn_ranks", lambda *a, **k: [])
+    assert run_ranks(_args("--steps", "60", "--step-interval", "20", "--layers", "2",
+                           "--quiet")) == []
+    assert ("schedule: the rebalance starting at step 59 may be cut off by the end at step 59"
+            in caplog.text)
