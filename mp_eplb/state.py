@@ -192,9 +192,9 @@ class EplbState:
                              "argument or EplbConfig.loaded_phy2log, not both")
         loaded = self._placement("loaded_phy2log", self.config.loaded_phy2log
                                  if initial_phy2log is None else initial_phy2log)
-        phy2log = self._placement("EplbConfig.initial_phy2log",
-                                  self.config.initial_phy2log) if (
-            self.config.initial_phy2log is not None) else loaded
+        start = self.config.initial_phy2log
+        phy2log = loaded if start is None else self._placement("EplbConfig.initial_phy2log",
+                                                               start)
         maps = maps_from_phy2log(phy2log, num_logical_experts, redundant + 1)
         self._phy2log = maps.phy2log.copy()
         self.physical_to_logical_map = torch.as_tensor(maps.phy2log, device=self.device)

@@ -36,9 +36,10 @@ def _target() -> np.ndarray:
     return target
 
 
-def _weights(rank: int, phy2log: np.ndarray) -> list[list[torch.Tensor]]:
+def _weights(rank: int, phy2log: np.ndarray, device: str = "cpu") -> list[list[torch.Tensor]]:
     local = phy2log.shape[1] // WORLD
-    return [[encode_rows(layer, phy2log[layer, rank * local:(rank + 1) * local], dtype, shape)
+    return [[encode_rows(layer, phy2log[layer, rank * local:(rank + 1) * local], dtype,
+                         shape).to(device)
              for dtype, shape in ((torch.float32, (5,)), (torch.bfloat16, (2, 3)))]
             for layer in range(LAYERS)]
 
@@ -93,29 +94,32 @@ def test_wrong_format_suffix_and_garbage_are_refused(tmp_path: Path) -> None:
         save_placement(tmp_path / "p.json", np.zeros((1, 4), dtype=np.int64), num_logical=2)
 
 
-def _start_from(rank: int, world: int, mode: str, path: str, saved: str) -> dict:
+def _start_from(rank: int, world: int, mode: str, path: str, saved: str,
+                device: str = "cpu") -> dict:
+    if device == "cuda":
+        torch.cuda.set_device(rank)
+        device = f"cuda:{rank}"
     config = EplbConfig(mode=mode, window_size=4, step_interval=10_000,
                         num_redundant_experts=REDUNDANT, initial_phy2log=path)
     loaded = default_phy2log(LAYERS, LOGICAL + REDUNDANT, LOGICAL)
-    weights = _weights(rank, loaded)
+    weights = _weights(rank, loaded, device)
     with EplbState(weights, rank=rank, world_size=world, num_logical_experts=LOGICAL,
                    config=config, cpu_group=dist.group.WORLD) as state:
-        state.step(torch.zeros(LAYERS, LOGICAL + REDUNDANT, dtype=torch.int64))
+        state.step(torch.zeros(LAYERS, LOGICAL + REDUNDANT, dtype=torch.int64, device=device))
         if rank == 0:
             state.save_placement(saved, include_load=True)
-        return {"weights": [[t.float().numpy().copy() for t in layer]  # no tensors over the pipe
-                            for layer in state.expert_weights],
-                "maps": state.physical_to_logical_map.numpy().copy()}
+        return {"weights": [[t.float().cpu().numpy().copy() for t in layer]  # no tensors
+                            for layer in state.expert_weights],          # over the pipe
+                "maps": state.physical_to_logical_map.cpu().numpy().copy()}
 
 
-@pytest.mark.parametrize("mode", ["sync", "process"])
-def test_starting_from_a_saved_placement_moves_the_weights_to_it(tmp_path: Path,
-                                                                 mode: str) -> None:
+def _check_started_from(tmp_path: Path, mode: str, device: str) -> None:
     target = _target()
     path = tmp_path / "start.pt"
     save_placement(path, target)
     saved = tmp_path / "again.json"
-    results = run_distributed(_start_from, WORLD, mode, str(path), str(saved), timeout_s=200)
+    results = run_distributed(_start_from, WORLD, mode, str(path), str(saved), device,
+                              timeout_s=200)
     for rank, result in enumerate(results):
         assert np.array_equal(result["maps"], target)
         for expected_layer, got_layer in zip(_weights(rank, target), result["weights"]):
@@ -124,6 +128,20 @@ def test_starting_from_a_saved_placement_moves_the_weights_to_it(tmp_path: Path,
                     f"rank {rank} weights differ from the placement"
     again = load_placement(saved)
     assert np.array_equal(again.phy2log, target) and again.load.shape == (LAYERS, LOGICAL)
+
+
+@pytest.mark.parametrize("mode", ["sync", "process"])
+def test_starting_from_a_saved_placement_moves_the_weights_to_it(tmp_path: Path,
+                                                                 mode: str) -> None:
+    _check_started_from(tmp_path, mode, "cpu")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", ["sync", "thread", "process"])
+def test_starting_from_a_saved_placement_on_gpus(tmp_path: Path, mode: str) -> None:
+    if torch.cuda.device_count() < WORLD:
+        pytest.skip("needs 2 GPUs")
+    _check_started_from(tmp_path, mode, "cuda")
 
 
 def test_initial_placement_for_another_model_is_refused(tmp_path: Path) -> None:
