@@ -190,8 +190,9 @@ class EplbState:
         if initial_phy2log is not None and self.config.loaded_phy2log is not None:
             raise ValueError("pass the layout the weights are in once: the initial_phy2log "
                              "argument or EplbConfig.loaded_phy2log, not both")
-        loaded = self._placement("loaded_phy2log", self.config.loaded_phy2log
-                                 if initial_phy2log is None else initial_phy2log)
+        loaded = (self._placement("EplbConfig.loaded_phy2log", self.config.loaded_phy2log)
+                  if initial_phy2log is None else
+                  self._placement("initial_phy2log", initial_phy2log))
         start = self.config.initial_phy2log
         phy2log = loaded if start is None else self._placement("EplbConfig.initial_phy2log",
                                                                start)

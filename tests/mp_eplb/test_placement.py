@@ -151,3 +151,18 @@ def test_initial_placement_for_another_model_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="is for 2 logical experts, this model has 8"):
         EplbState(weights, rank=0, world_size=1, num_logical_experts=LOGICAL,
                   config=EplbConfig(mode="process", initial_phy2log=path))
+
+
+def test_start_placement_needs_a_group_and_one_loaded_layout(tmp_path: Path) -> None:
+    weights = [[torch.zeros(LOGICAL + REDUNDANT, 2)] for _ in range(LAYERS)]
+    kwargs = dict(rank=0, world_size=1, num_logical_experts=LOGICAL)
+    config = EplbConfig(mode="process", num_redundant_experts=REDUNDANT,
+                        initial_phy2log=_target())
+    with pytest.raises(ValueError, match="moving them needs ep_group or cpu_group"):
+        EplbState(weights, config=config, **kwargs)
+    loaded = default_phy2log(LAYERS, LOGICAL + REDUNDANT, LOGICAL)
+    with pytest.raises(ValueError, match="pass the layout the weights are in once"):
+        EplbState(weights, config=config.replace(loaded_phy2log=loaded),
+                  initial_phy2log=loaded, **kwargs)
+    with pytest.raises(ValueError, match=r"EplbConfig.loaded_phy2log has shape \(1, 12\)"):
+        EplbState(weights, config=config.replace(loaded_phy2log=loaded[:1]), **kwargs)
