@@ -39,13 +39,14 @@ class Progress:
 
     def line(self, note: str = "") -> str:
         """The text of the current state (no newline)."""
-        frac = min(self._done / self.total, 1.0)
         elapsed = time.monotonic() - self.started
-        text = f"{self.label} {self._done}/{self.total} ({elapsed:.0f} s)"
+        count = f"{self._done}/{self.total}"
         if self.tty:
-            filled = round(frac * _BAR_WIDTH)
-            text = f"{self.label} [{'#' * filled}{'.' * (_BAR_WIDTH - filled)}] " \
-                   f"{self._done}/{self.total} {elapsed:.0f} s"
+            filled = round(min(self._done / self.total, 1.0) * _BAR_WIDTH)
+            text = (f"{self.label} [{'#' * filled}{'.' * (_BAR_WIDTH - filled)}] {count} "
+                    f"{elapsed:.0f} s")
+        else:
+            text = f"{self.label} {count} ({elapsed:.0f} s)"
         return f"{text} {note}".rstrip()
 
     def update(self, done: int, note: str = "") -> None:
