@@ -839,7 +839,9 @@ def run_soak(cycles: int = 1000, restarts: int = 50, options: FaultOptions = Fau
     if not 0 < restarts <= cycles // 2:
         raise ValueError(f"restarts={restarts} must be in [1, cycles // 2 = {cycles // 2}]")
     t0 = time.monotonic()
-    run = _launch("soak", [], options, "", cycles=cycles, restarts=restarts)
+    with tempfile.TemporaryDirectory(prefix="eplb-soak-") as tmp:  # the ranks' logs
+        run = _launch("soak", [], options, os.path.join(tmp, "unused"), cycles=cycles,
+                      restarts=restarts)
     problems = [f"rank {r}: {e}" for r, e in sorted(run.errors.items())]
     problems += [f"rank {r}: left after exit {names[:3]}"
                  for r, names in sorted(run.segments_left.items())]
