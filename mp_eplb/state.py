@@ -438,7 +438,7 @@ class EplbState:
         load = self._window_load()
         self.current_balancedness = mean_balancedness(load, self._phy2log, self.world_size)
         if self.rank == 0:
-            logger.info("EPLB step %d: balancedness %.4f over the last %d steps (%d tokens, "
+            logger.info("EPLB after %d steps: balancedness %.4f over the last %d (%d tokens, "
                         "%d layers)", self.step_count, self.current_balancedness,
                         min(self.step_count, self.config.window_size), int(load.sum()),
                         self.num_layers)
