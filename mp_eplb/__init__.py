@@ -18,11 +18,13 @@ if TYPE_CHECKING:
     from mp_eplb.communicator import (EplbCommunicator, GlooCommunicator, NcclCommunicator,
                                       RowRef, make_communicator)
     from mp_eplb.config import EplbConfig
-    from mp_eplb.errors import (EplbError, InvalidLoadError, PeerFailedError, StateClosedError,
+    from mp_eplb.errors import (EplbError, InvalidLoadError, PeerFailedError,
+                                PlacementFileError, StateClosedError, VllmConfigError,
                                 WorkerFailedError, WorkerStartError)
     from mp_eplb.maps import RoutingMaps, maps_from_phy2log
     from mp_eplb.peer_pull import CudaIpcPullCommunicator
-    from mp_eplb.policy import balancedness, rebalance_experts
+    from mp_eplb.placement import Placement, load_placement, save_placement
+    from mp_eplb.policy import balancedness, mean_balancedness, rebalance_experts
     from mp_eplb.state import EplbState, RebalanceRecord, StepReport
     from mp_eplb.transfer import (TransferMetadata, get_ep_ranks_with_experts_batch,
                                   move_from_buffer, move_to_buffer,
@@ -34,8 +36,10 @@ _EXPORTS = {
     "mp_eplb.config": ("EplbConfig",),
     "mp_eplb.state": ("EplbState", "StepReport", "RebalanceRecord"),
     "mp_eplb.errors": ("EplbError", "InvalidLoadError", "StateClosedError", "WorkerFailedError",
-                       "PeerFailedError", "WorkerStartError"),
-    "mp_eplb.policy": ("rebalance_experts", "balancedness"),
+                       "PeerFailedError", "WorkerStartError", "PlacementFileError",
+                       "VllmConfigError"),
+    "mp_eplb.policy": ("rebalance_experts", "balancedness", "mean_balancedness"),
+    "mp_eplb.placement": ("Placement", "save_placement", "load_placement"),
     "mp_eplb.maps": ("RoutingMaps", "maps_from_phy2log"),
     "mp_eplb.transfer": ("TransferMetadata", "get_ep_ranks_with_experts_batch", "move_to_buffer",
                          "move_from_buffer", "transfer_layer",

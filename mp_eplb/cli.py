@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import logging
 from collections.abc import Sequence
 
-from mp_eplb import __version__
+from mp_eplb import __version__, logs
 from mp_eplb.bench import add_bench_arguments, run_bench
 from mp_eplb.faults import add_faults_arguments, run_faults
 
@@ -38,7 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"mp-eplb {__version__}")
     parser.add_argument("-v", "--verbose", action="count", default=0,
-                        help="more logging (-v info, -vv debug)")
+                        help="more logging in every process, ranks and transfer workers "
+                             "included (-v info, -vv debug; sets MP_EPLB_LOG)")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, add_arguments, run, summary, description in _COMMANDS:
         command = commands.add_parser(name, help=summary, description=description)
@@ -50,8 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    level = logging.WARNING - 10 * min(args.verbose, 2)
-    logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    # -v/-vv reach every rank process and transfer worker through MP_EPLB_LOG (inherited).
+    logs.configure("main", export=logs.verbosity_level(args.verbose) if args.verbose else None)
     if args.command is None:
         parser.print_help()
         return 0

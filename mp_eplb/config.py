@@ -3,13 +3,27 @@
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
-from typing import Literal
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
-__all__ = ["EplbConfig", "MODES", "COMMUNICATORS"]
+import numpy as np
+import torch
+
+from mp_eplb.errors import VllmConfigError
+
+__all__ = ["EplbConfig", "MODES", "COMMUNICATORS", "VLLM_COMMUNICATORS", "VLLM_FIELDS"]
 
 MODES = ("process", "thread", "sync")
 COMMUNICATORS = ("auto", "cuda_ipc", "nccl", "gloo")
+#: vLLM's ``EPLBConfig.communicator`` names -> ours.
+VLLM_COMMUNICATORS = {"torch_nccl": "nccl", "pynccl": "nccl", "torch_gloo": "gloo"}
+#: vLLM ``EPLBConfig`` fields taken over under the same name and meaning.
+VLLM_FIELDS = ("window_size", "step_interval", "num_redundant_experts", "log_balancedness",
+               "log_balancedness_interval")
+#: A placement: a ``.json``/``.pt`` file (:mod:`mp_eplb.placement`) or ``[layers, physical]`` ids.
+PlacementSource = str | os.PathLike | np.ndarray | torch.Tensor
 
 
 @dataclass(frozen=True)
@@ -52,6 +66,18 @@ class EplbConfig:
     rendezvous: str | None = None
     #: ZeroMQ transport between the engine and its worker: ``ipc`` (private socket dir) or ``tcp``.
     endpoint: Literal["ipc", "tcp"] = "ipc"
+    #: Log the current window's balancedness (mean over layers of mean / max tokens per rank,
+    #: all ranks' load) at INFO on rank 0 every ``log_balancedness_interval`` steps. A
+    #: collective over the engine's CPU group at those steps (vLLM's names and meaning).
+    log_balancedness: bool = False
+    log_balancedness_interval: int = 1
+    #: Placement to start from (a ``.json``/``.pt`` placement file or ``[layers, physical]``
+    #: ids). When it differs from the layout the weights were loaded in, the weights are moved
+    #: to it in the constructor (collective), before any worker starts.
+    initial_phy2log: PlacementSource | None = field(default=None, compare=False)
+    #: The layout the engine loaded the weights in (same forms). ``None``: the constructor's
+    #: ``initial_phy2log`` argument, else :func:`mp_eplb.maps.default_phy2log`.
+    loaded_phy2log: PlacementSource | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         for name in ("window_size", "step_interval", "layers_per_step", "max_ops_per_batch"):
@@ -75,6 +101,58 @@ class EplbConfig:
                                          and v.rsplit(":", 1)[-1].isdigit()),
                  "None or 'tcp://host:port'")
         _require("endpoint", self.endpoint, lambda v: v in ("ipc", "tcp"), "'ipc' or 'tcp'")
+        _require("log_balancedness", self.log_balancedness, lambda v: isinstance(v, bool),
+                 "True or False")
+        _require("log_balancedness_interval", self.log_balancedness_interval,
+                 lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1,
+                 "a positive integer")
+        for name in ("initial_phy2log", "loaded_phy2log"):
+            _require(name, getattr(self, name),
+                     lambda v: v is None or isinstance(v, PlacementSource),
+                     "None, a placement file path or a [layers, physical] array")
+
+    @classmethod
+    def from_vllm(cls, vllm_config: Mapping[str, Any] | object | None = None,
+                  **overrides: Any) -> EplbConfig:
+        """An ``EplbConfig`` from vLLM's EPLB settings (``vllm_config``: a mapping or an object
+        such as vLLM's ``EPLBConfig``; keyword arguments override its entries).
+
+        Same name and meaning: :data:`VLLM_FIELDS`. ``use_async`` -> ``mode`` (``True``:
+        ``"process"``, the transfer off the engine's thread; ``False``: ``"sync"``);
+        ``communicator`` via :data:`VLLM_COMMUNICATORS`; ``policy`` must be ``"default"``;
+        ``None`` values are skipped. Any other name, or a value with no equivalent, raises
+        :class:`~mp_eplb.errors.VllmConfigError` saying what differs. Our own field names
+        are accepted too (e.g. ``ranks_per_node``).
+        """
+        if vllm_config is None:
+            settings: dict[str, Any] = {}
+        elif isinstance(vllm_config, Mapping):
+            settings = dict(vllm_config)
+        else:
+            settings = {k: v for k, v in vars(vllm_config).items() if not k.startswith("_")}
+        settings.update(overrides)
+        own = {f.name for f in dataclasses.fields(cls)}
+        fields: dict[str, Any] = {}
+        for name, value in settings.items():
+            if value is None:
+                continue
+            if name == "use_async":
+                fields["mode"] = "process" if value else "sync"
+            elif name == "communicator":
+                fields[name] = _vllm_communicator(value)
+            elif name == "policy":
+                if value != "default":
+                    raise VllmConfigError(
+                        f"vLLM EPLB policy {value!r} is not available; mp_eplb has one policy "
+                        "(DeepSeek's hierarchical packing, placement-aware): pass 'default'")
+            elif name in VLLM_FIELDS or name in own:
+                fields[name] = value
+            else:
+                raise VllmConfigError(
+                    f"vLLM EPLB setting {name!r} has no mp_eplb equivalent; mapped: "
+                    f"{', '.join(VLLM_FIELDS + ('use_async', 'communicator', 'policy'))} "
+                    "(see docs/operations.md)")
+        return cls(**fields)
 
     def replace(self, **changes: object) -> EplbConfig:
         """A copy with ``changes`` applied (validated again)."""
@@ -109,6 +187,15 @@ class EplbConfig:
                              f"ranks span {num_nodes} nodes (EplbConfig.ranks_per_node="
                              f"{self.ranks_per_node}); use 'nccl' (or 'auto')")
         return self.communicator
+
+
+def _vllm_communicator(name: object) -> str:
+    if name in VLLM_COMMUNICATORS:
+        return VLLM_COMMUNICATORS[name]
+    if name in COMMUNICATORS:
+        return name
+    raise VllmConfigError(f"vLLM EPLB communicator {name!r} has no mp_eplb equivalent; use one "
+                          f"of {tuple(VLLM_COMMUNICATORS)} or ours {COMMUNICATORS}")
 
 
 def _require(name: str, value: object, ok, what: str) -> None:

@@ -3,8 +3,8 @@ runtime faults, a closed state and bad load counts (the last two are also ``Valu
 
 from __future__ import annotations
 
-__all__ = ["EplbError", "InvalidLoadError", "PeerFailedError", "StateClosedError",
-           "WorkerFailedError", "WorkerStartError"]
+__all__ = ["EplbError", "InvalidLoadError", "PeerFailedError", "PlacementFileError",
+           "StateClosedError", "VllmConfigError", "WorkerFailedError", "WorkerStartError"]
 
 
 class EplbError(Exception):
@@ -37,3 +37,13 @@ class InvalidLoadError(EplbError, ValueError):
     for a load on the GPU it is found at the next rebalance start (no host sync per step),
     that rebalance is skipped on every rank and this error is the offending rank's
     ``EplbState.last_error``."""
+
+
+class PlacementFileError(EplbError, ValueError):
+    """A placement file (:mod:`mp_eplb.placement`) cannot be read or does not describe a valid
+    placement; the message names the file and what is wrong."""
+
+
+class VllmConfigError(EplbError, ValueError):
+    """:meth:`mp_eplb.EplbConfig.from_vllm` got a vLLM setting it does not know or that means
+    something else here; the message says what differs and what to pass instead."""

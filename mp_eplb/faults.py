@@ -55,8 +55,9 @@ import zmq
 from ipc import handles
 from ipc.channel import PRIVATE_DIR_PREFIX, Channel, sweep_stale_dirs
 from ipc.codec import MAC_BYTES, Codec, new_session_key
-from mp_eplb import backends, failpoints
+from mp_eplb import backends, failpoints, logs
 from mp_eplb.argtypes import device, positive_float, positive_int
+from mp_eplb.progress import announce
 from mp_eplb.config import EplbConfig
 from mp_eplb.demo.launch import init_rank_groups
 from mp_eplb.messages import RebalanceDone
@@ -641,6 +642,8 @@ def _batch_job(ctx: _Rank) -> dict:
                                 "earlier scenario did not finish)"})
                 continue
             results.append(_run_scenario(ctx, state, driver, tracker, sc, first, workers))
+            if ctx.rank == 0:
+                ctx.report("done", name=sc.name)
     finally:
         state.shutdown(wait=True)
         tracker.close()
@@ -836,7 +839,9 @@ def run_soak(cycles: int = 1000, restarts: int = 50, options: FaultOptions = Fau
     if not 0 < restarts <= cycles // 2:
         raise ValueError(f"restarts={restarts} must be in [1, cycles // 2 = {cycles // 2}]")
     t0 = time.monotonic()
-    run = _launch("soak", [], options, "", cycles=cycles, restarts=restarts)
+    with tempfile.TemporaryDirectory(prefix="eplb-soak-") as tmp:  # the ranks' logs
+        run = _launch("soak", [], options, os.path.join(tmp, "unused"), cycles=cycles,
+                      restarts=restarts)
     problems = [f"rank {r}: {e}" for r, e in sorted(run.errors.items())]
     problems += [f"rank {r}: left after exit {names[:3]}"
                  for r, names in sorted(run.segments_left.items())]
@@ -868,8 +873,13 @@ _JOBS: dict[str, Callable[[_Rank], dict]] = {"batch": _batch_job, "parent_kill":
 
 
 def _rank_entry(rank: int, spec: _RunSpec, conn: Connection) -> None:
-    logging.basicConfig(level=logging.ERROR,
-                        format=f"%(asctime)s rank{rank} %(name)s %(levelname)s %(message)s")
+    # The faults are expected: their logs (this rank's and, through the inherited stderr, its
+    # workers') go to a file in the run's log directory, not between the result lines.
+    log = os.open(os.path.join(os.path.dirname(spec.log_path), f"{spec.job}-rank{rank}.log"),
+                  os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    os.dup2(log, 2)
+    os.close(log)
+    logs.configure(f"rank{rank}", default=logging.WARNING)
 
     def report(kind: str, **data: Any) -> None:
         conn.send_bytes(msgpack.packb({"kind": kind, **data}))
@@ -926,7 +936,8 @@ def _launch(job: str, items: Sequence[Scenario], options: FaultOptions, log_path
     results: dict[int, dict] = {}
     infos: dict[int, list[dict]] = {r: [] for r in range(options.ranks)}
     errors: dict[int, str] = {}
-    deadline = time.monotonic() + options.timeout_s
+    started = time.monotonic()
+    deadline = started + options.timeout_s
     try:
         while readers and (remaining := deadline - time.monotonic()) > 0:
             for reader in wait(list(readers), timeout=remaining):
@@ -939,6 +950,10 @@ def _launch(job: str, items: Sequence[Scenario], options: FaultOptions, log_path
                     continue
                 if msg["kind"] == "info":
                     infos[rank].append(msg)
+                    continue
+                if msg["kind"] == "done":
+                    announce(f"faults: {msg['name']} finished "
+                             f"after {time.monotonic() - started:.0f} s")
                     continue
                 del readers[reader]
                 reader.close()
@@ -1110,9 +1125,12 @@ def _sweep_dead_owner(info: dict | None) -> tuple[str, list[str]]:
 
 
 def run_scenarios(names: Sequence[str] | None = None,
-                  options: FaultOptions = FaultOptions()) -> list[ScenarioResult]:
+                  options: FaultOptions = FaultOptions(),
+                  log_dir: str | None = None) -> list[ScenarioResult]:
     """Run the named scenarios (all when None) and evaluate them, in the order of
-    :func:`scenarios`. Batch scenarios share one run; the parent killer has its own."""
+    :func:`scenarios`. Batch scenarios share one run; the parent killer has its own. The
+    ranks' and workers' logs (full of the injected failures) go to files in ``log_dir``
+    (kept), else in a temporary directory removed at the end."""
     catalog = scenarios(options.ranks)
     known = {sc.name for sc in catalog}
     unknown = [n for n in names or () if n not in known]
@@ -1123,7 +1141,9 @@ def run_scenarios(names: Sequence[str] | None = None,
         raise ValueError("fault scenarios need --ranks >= 2 (a peer rank observes each fault)")
     out: dict[str, ScenarioResult] = {}
     batch = [sc for sc in chosen if sc.kind != "parent_kill"]
-    with tempfile.TemporaryDirectory(prefix="eplb-faults-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="eplb-faults-") as scratch:
+        tmp = log_dir or scratch
+        os.makedirs(tmp, exist_ok=True)
         if batch:
             log_path = os.path.join(tmp, "failpoints.jsonl")
             run = _launch("batch", batch, options, log_path)
@@ -1142,6 +1162,7 @@ def run_scenarios(names: Sequence[str] | None = None,
         for sc in (s for s in chosen if s.kind == "parent_kill"):
             run = _launch("parent_kill", [sc], options, os.path.join(tmp, "unused"))
             out[sc.name] = _evaluate_parent_kill(sc, run, options)
+            announce(f"faults: {sc.name} finished: {'ok' if out[sc.name].ok else 'FAIL'}")
     return [out[sc.name] for sc in chosen]
 
 
@@ -1219,6 +1240,9 @@ def add_faults_arguments(parser: argparse.ArgumentParser) -> None:
                         help="seconds within which a dead worker must be detected on every "
                              "rank (default %(default)s)")
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+    parser.add_argument("--log-dir", metavar="DIR",
+                        help="keep the ranks' and workers' logs (the injected failures) there, "
+                             "one file per run and rank (default: discarded)")
 
 
 def run_faults(args: argparse.Namespace) -> int:
@@ -1235,7 +1259,7 @@ def run_faults(args: argparse.Namespace) -> int:
               f"{torch.cuda.device_count()} visible", file=sys.stderr)
         return 2
     try:
-        rows = run_scenarios(args.scenario, options)
+        rows = run_scenarios(args.scenario, options, log_dir=args.log_dir)
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

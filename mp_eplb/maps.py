@@ -6,7 +6,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["RoutingMaps", "maps_from_phy2log", "validate_phy2log", "occurrence"]
+__all__ = ["RoutingMaps", "default_phy2log", "maps_from_phy2log", "validate_phy2log", "occurrence"]
+
 
 @dataclass(frozen=True)
 class RoutingMaps:
@@ -20,6 +21,12 @@ class RoutingMaps:
     phy2log: np.ndarray
     log2phy: np.ndarray
     logcnt: np.ndarray
+
+
+def default_phy2log(num_layers: int, num_physical: int, num_logical: int) -> np.ndarray:
+    """The layout engines load by default: slot ``s`` of every layer holds expert
+    ``s % num_logical`` (redundant slots repeat the first experts). int64 [layers, physical]."""
+    return np.tile(np.arange(num_physical, dtype=np.int64) % num_logical, (num_layers, 1))
 
 
 def validate_phy2log(phy2log: np.ndarray, num_logical: int, name: str = "phy2log") -> np.ndarray:

@@ -24,7 +24,8 @@ __all__ = [
 ]
 
 #: Version of this application protocol, exchanged in ``ipc.schema.Hello``. 2: ``Setup`` lost
-#: ``progress`` (the counter is inherited at spawn, see :mod:`mp_eplb.worker_boot`).
+#: ``progress`` (the counter is inherited at spawn, see :mod:`mp_eplb.worker_boot`); ``Plan``
+#: carries the policy's balancedness before/after.
 PROTOCOL_VERSION = 2
 
 
@@ -108,13 +109,17 @@ class Rebalance:
 @dataclass(frozen=True)
 class Plan:
     """The new placement of every layer (identical on all ranks) and the layers that change,
-    in the order they will be staged."""
+    in the order they will be staged. ``balancedness_before``/``_after``: mean over layers of
+    mean / max tokens per rank on the load window the policy read, under the old and the new
+    placement (:func:`mp_eplb.policy.mean_balancedness`)."""
 
     rebalance_id: int
     layers: list[int]
     phy2log: bytes
     shape: list[int]
     policy_s: float
+    balancedness_before: float
+    balancedness_after: float
 
 
 @message("eplb.ready")

@@ -37,7 +37,8 @@ import torch
 
 from mp_eplb.maps import maps_from_phy2log, occurrence
 
-__all__ = ["PlacementLayout", "balancedness", "global_policy_reason", "rebalance_experts"]
+__all__ = ["PlacementLayout", "balancedness", "global_policy_reason", "mean_balancedness",
+           "rebalance_experts"]
 
 logger = logging.getLogger(__name__)
 
@@ -806,3 +807,9 @@ def balancedness(weight: torch.Tensor | np.ndarray, phy2log: torch.Tensor | np.n
     peak = per_rank.max(1)
     mean = w.sum(1) / num_ranks  # every token lands on some rank
     return np.where(peak > 0, mean / np.where(peak > 0, peak, 1.0), 1.0)
+
+
+def mean_balancedness(weight: torch.Tensor | np.ndarray, phy2log: torch.Tensor | np.ndarray,
+                      num_ranks: int) -> float:
+    """:func:`balancedness` averaged over layers: one figure in (0, 1] for a placement."""
+    return float(balancedness(weight, phy2log, num_ranks).mean())

@@ -159,7 +159,9 @@ def _rebalance(worker: TransferWorker, inbox: _Inbox, events: StreamEvents, msg:
     plan = worker.plan(rid, unpack_int64(msg.phy2log, msg.shape))
     inbox.link.send(Plan(rebalance_id=rid, layers=plan.layers,
                          phy2log=pack_int64(plan.maps.phy2log),
-                         shape=list(plan.maps.phy2log.shape), policy_s=plan.policy_s))
+                         shape=list(plan.maps.phy2log.shape), policy_s=plan.policy_s,
+                         balancedness_before=plan.balancedness_before,
+                         balancedness_after=plan.balancedness_after))
     staged = 0
     for index, layer in enumerate(plan.layers):
         progress()

@@ -16,6 +16,7 @@ the rebalance together. Outside a rebalance there is no collective at all.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections.abc import Sequence
@@ -30,11 +31,12 @@ from mp_eplb.backends import WorkerBackend, make_backend, rendezvous as _rendezv
 from mp_eplb.config import EplbConfig
 from mp_eplb.errors import (EplbError, InvalidLoadError, PeerFailedError, StateClosedError,
                             WorkerFailedError)
-from mp_eplb.maps import RoutingMaps, maps_from_phy2log, validate_phy2log
+from mp_eplb.maps import RoutingMaps, default_phy2log, maps_from_phy2log, validate_phy2log
 from mp_eplb.messages import (PEER_FAILED_KIND, Abort, BufferFree, LayerReady, Plan, Rebalance,
                               RebalanceDone, WorkerError, WorkerTopology, pack_int64,
                               unpack_int64)
-from mp_eplb.policy import global_policy_reason, rebalance_experts
+from mp_eplb.placement import load_placement, save_placement
+from mp_eplb.policy import global_policy_reason, mean_balancedness, rebalance_experts
 from mp_eplb.transfer import TransferMetadata, move_from_buffer, rearrange_expert_weights_inplace
 from mp_eplb.worker_boot import PEER_FAILED_EXIT
 
@@ -65,7 +67,11 @@ class RebalanceRecord:
     """History of one rebalance (times in seconds; ``started_at``/``ended_at`` on the
     ``perf_counter`` clock). Per committed layer: ``commit_s`` (host time of
     ``move_from_buffer`` + maps), ``commit_steps``; per step in flight: ``agreement_s``; per
-    staged layer: ``ready_latency_s`` (worker send -> engine receipt)."""
+    staged layer: ``ready_latency_s`` (worker send -> engine receipt).
+    ``balancedness_before``/``_after``: mean over layers of mean / max tokens per rank on the
+    load window the policy read, under the old and the new placement (``None`` until planned).
+    ``bytes_staged``: bytes of the rows this rank received (process/thread: as the worker
+    reports them; sync: computed from the maps)."""
 
     rebalance_id: int
     start_step: int
@@ -81,8 +87,15 @@ class RebalanceRecord:
     policy_s: float | None = None
     bytes_staged: int | None = None
     stage_s: float | None = None
+    balancedness_before: float | None = None
+    balancedness_after: float | None = None
     aborted: bool = False
     reason: str = ""
+
+    @property
+    def duration_s(self) -> float | None:
+        """Seconds from the rebalance start to its end (``None`` while in flight)."""
+        return None if self.ended_at is None else self.ended_at - self.started_at
 
 
 @dataclass
@@ -178,14 +191,15 @@ class EplbState:
             rank=rank, world_size=world_size, num_logical=num_logical_experts,
             num_groups=self.num_groups, num_redundant=redundant, ranks_per_node=ranks_per_node,
             max_ops_per_batch=self.config.max_ops_per_batch)
-        if initial_phy2log is None:
-            initial_phy2log = np.tile(np.arange(self.num_physical) % num_logical_experts,
-                                      (self.num_layers, 1))
-        phy2log = validate_phy2log(np.asarray(initial_phy2log), num_logical_experts,
-                                   "initial_phy2log")
-        if phy2log.shape != (self.num_layers, self.num_physical):
-            raise ValueError(f"initial_phy2log has shape {phy2log.shape}, expected "
-                             f"({self.num_layers}, {self.num_physical}) [layers, physical slots]")
+        if initial_phy2log is not None and self.config.loaded_phy2log is not None:
+            raise ValueError("pass the layout the weights are in once: the initial_phy2log "
+                             "argument or EplbConfig.loaded_phy2log, not both")
+        loaded = (self._placement("EplbConfig.loaded_phy2log", self.config.loaded_phy2log)
+                  if initial_phy2log is None else
+                  self._placement("initial_phy2log", initial_phy2log))
+        start = self.config.initial_phy2log
+        phy2log = loaded if start is None else self._placement("EplbConfig.initial_phy2log",
+                                                               start)
         maps = maps_from_phy2log(phy2log, num_logical_experts, redundant + 1)
         self._phy2log = maps.phy2log.copy()
         self.physical_to_logical_map = torch.as_tensor(maps.phy2log, device=self.device)
@@ -202,13 +216,15 @@ class EplbState:
         self._load_min_fed = False
         self.history: list[RebalanceRecord] = []
         #: The latest error recorded (sticky; see :attr:`healthy` and :attr:`error_count`).
-        self.last_error: EplbError | None = None
+        self.last_error = None
         #: How many errors were recorded since construction (each also sets ``last_error``).
         self.error_count = 0
         self._healthy = True
         self._restarted = False
         self._restarts = 0
         self._stopping: threading.Thread | None = None
+        #: Balancedness of the window at the last ``log_balancedness`` step (``None`` before).
+        self.current_balancedness: float | None = None
         self._inflight: _InFlight | None = None
         self._next_id = 0
         self._backend: WorkerBackend | None = None
@@ -217,6 +233,8 @@ class EplbState:
         #: ``[window, layers, logical]`` int64 tokens per logical expert, one row per step.
         self.load_window = torch.zeros(self._window_shape(), dtype=torch.int64,
                                        device=self.device)
+        if not np.array_equal(loaded, self._phy2log):
+            self._move_to_start(loaded)
         if self.config.mode != "sync":
             self._backend = make_backend(self)
 
@@ -241,6 +259,9 @@ class EplbState:
                                    "EplbState to balance again")
         self._record_load(self._checked_load(expert_load))
         self.step_count += 1
+        if (self.config.log_balancedness
+                and self.step_count % self.config.log_balancedness_interval == 0):
+            self._log_balancedness()
         started = finished = False
         committed: list[int] = []
         if self._backend is not None and self._inflight is None:
@@ -259,6 +280,50 @@ class EplbState:
         return StepReport(committed_layers=committed,
                           rebalance_active=self._inflight is not None,
                           rebalance_started=started, rebalance_finished=finished)
+
+    @property
+    def last_error(self) -> EplbError | None:
+        """The latest fault (``WorkerFailedError``, ``InvalidLoadError``), or ``None``. Setting
+        it records the time, reported as ``mp_eplb_last_error_age_seconds`` by :meth:`metrics`."""
+        return self._last_error
+
+    @last_error.setter
+    def last_error(self, error: EplbError | None) -> None:
+        self._last_error = error
+        self._last_error_at = None if error is None else time.monotonic()
+
+    def metrics(self) -> dict[str, float | int]:
+        """This rank's counters and gauges, flat, with Prometheus-style names (no collective;
+        cheap enough to call every scrape). Each is described in docs/operations.md."""
+        done = [r for r in self.history if r.end_step is not None]
+        planned = [r for r in done if not r.aborted and r.balancedness_after is not None]
+        last = done[-1] if done else None
+        return {
+            "mp_eplb_steps_total": self.step_count,
+            "mp_eplb_rebalances_total": sum(1 for r in done if not r.aborted),
+            "mp_eplb_rebalance_aborts_total": sum(1 for r in done if r.aborted),
+            "mp_eplb_worker_restarts_total": self.worker_restarts,
+            "mp_eplb_errors_total": self.error_count,
+            "mp_eplb_healthy": int(self.healthy),
+            "mp_eplb_bytes_moved_total": sum(r.bytes_staged or 0 for r in self.history),
+            "mp_eplb_layers_moved_total": sum(len(r.layers_committed) for r in self.history),
+            "mp_eplb_rebalance_active": int(self.rebalance_active),
+            "mp_eplb_balancedness_before": planned[-1].balancedness_before if planned else -1.0,
+            "mp_eplb_balancedness_after": planned[-1].balancedness_after if planned else -1.0,
+            "mp_eplb_balancedness_current": (-1.0 if self.current_balancedness is None
+                                             else self.current_balancedness),
+            "mp_eplb_last_rebalance_seconds": -1.0 if last is None else last.duration_s,
+            "mp_eplb_last_rebalance_steps": -1 if last is None else last.end_step - last.start_step,
+            "mp_eplb_last_error_age_seconds": (-1.0 if self._last_error_at is None
+                                               else time.monotonic() - self._last_error_at),
+        }
+
+    def save_placement(self, path: str | os.PathLike, *, include_load: bool = False) -> None:
+        """Write the current placement (the same on every rank) to ``path`` (``.json`` or
+        ``.pt``, :mod:`mp_eplb.placement`); ``include_load`` adds this rank's load window sum
+        ``[layers, logical]``. Pass the file as ``EplbConfig.initial_phy2log`` to start from it."""
+        load = self.load_window.sum(dim=0).cpu() if include_load else None
+        save_placement(path, self._phy2log, load, num_logical=self.num_logical)
 
     @property
     def rebalance_active(self) -> bool:
@@ -310,6 +375,39 @@ class EplbState:
     def __exit__(self, *exc: object) -> None:
         self.shutdown()
 
+    # -- start-up placement -----------------------------------------------------------------
+
+    def _placement(self, name: str, source: object) -> np.ndarray:
+        """``source`` (``None``: the default layout, a placement file, or ids) as validated
+        int64 ``[layers, physical]``."""
+        if source is None:
+            return default_phy2log(self.num_layers, self.num_physical, self.num_logical)
+        if isinstance(source, (str, os.PathLike)):
+            placement = load_placement(source)
+            if placement.num_logical != self.num_logical:
+                raise ValueError(f"{name} file {source} is for {placement.num_logical} logical "
+                                 f"experts, this model has {self.num_logical}")
+            source = placement.phy2log
+        phy2log = validate_phy2log(np.asarray(source), self.num_logical, name)
+        if phy2log.shape != (self.num_layers, self.num_physical):
+            raise ValueError(f"{name} has shape {phy2log.shape}, expected "
+                             f"({self.num_layers}, {self.num_physical}) [layers, physical slots]")
+        return phy2log
+
+    def _move_to_start(self, loaded: np.ndarray) -> None:
+        """Move the weights from the ``loaded`` layout to the starting placement, on every
+        rank (collective over ``ep_group``, before any worker starts)."""
+        if self.ep_group is None:
+            raise ValueError("EplbConfig.initial_phy2log differs from the layout the weights "
+                             "were loaded in; moving them needs ep_group or cpu_group, also "
+                             "for one rank")
+        logger.info("rank %d: moving the weights of %d layers to the initial placement",
+                    self.rank, int((loaded != self._phy2log).any(axis=1).sum()))
+        rearrange_expert_weights_inplace(torch.as_tensor(loaded), torch.as_tensor(self._phy2log),
+                                         self.expert_weights, self.ep_group)
+        if self.device.type == "cuda":
+            torch.cuda.current_stream().synchronize()
+
     # -- load window ------------------------------------------------------------------------
 
     def _window_shape(self) -> tuple[int, int, int]:
@@ -352,6 +450,23 @@ class EplbState:
             self._load_min_fed = True
         row.zero_()
         row.scatter_add_(1, self._load_index, load * self._slot_valid)
+
+    def _window_load(self) -> torch.Tensor:
+        """All ranks' load window summed: ``[layers, logical]`` int64 on the CPU (collective)."""
+        load = self.load_window.sum(dim=0).cpu()
+        if self.world_size > 1:
+            dist.all_reduce(load, group=self.cpu_group)
+        return load
+
+    def _log_balancedness(self) -> None:
+        """``log_balancedness``: the window's balancedness under the current placement."""
+        load = self._window_load()
+        self.current_balancedness = mean_balancedness(load, self._phy2log, self.world_size)
+        if self.rank == 0:
+            logger.info("EPLB after %d steps: balancedness %.4f over the last %d (%d tokens, "
+                        "%d layers)", self.step_count, self.current_balancedness,
+                        min(self.step_count, self.config.window_size), int(load.sum()),
+                        self.num_layers)
 
     def _take_load_fault(self) -> str:
         """At a rebalance start: why this rank's window holds a negative device load ("" if
@@ -400,9 +515,7 @@ class EplbState:
             return []
         record = RebalanceRecord(self._next_id, self.step_count, time.perf_counter())
         self._next_id += 1
-        load = self.load_window.sum(dim=0).cpu()
-        if self.world_size > 1:
-            dist.all_reduce(load, group=self.cpu_group)
+        load = self._window_load()
         t0 = time.perf_counter()
         new, _, _ = rebalance_experts(load.numpy(), self.num_physical, self.num_groups,
                                       self.world_size // self.ranks_per_node, self.world_size,
@@ -412,6 +525,9 @@ class EplbState:
         maps = maps_from_phy2log(np.asarray(new), self.num_logical,
                                  self.config.num_redundant_experts + 1)
         layers = [int(x) for x in np.nonzero((maps.phy2log != self._phy2log).any(axis=1))[0]]
+        record.balancedness_before = mean_balancedness(load, self._phy2log, self.world_size)
+        record.balancedness_after = mean_balancedness(load, maps.phy2log, self.world_size)
+        record.bytes_staged = self._received_bytes(maps.phy2log)
         rearrange_expert_weights_inplace(
             torch.as_tensor(self._phy2log), torch.as_tensor(maps.phy2log), self.expert_weights,
             self.ep_group, rank_mapping=None)
@@ -425,6 +541,12 @@ class EplbState:
         record.end_step, record.ended_at = self.step_count, time.perf_counter()
         self.history.append(record)
         return layers
+
+    def _received_bytes(self, new: np.ndarray) -> int:
+        """Bytes of this rank's rows whose expert changes from the current placement to ``new``."""
+        local = slice(self.rank * self.num_local, (self.rank + 1) * self.num_local)
+        rows = int((new[:, local] != self._phy2log[:, local]).sum())
+        return rows * sum(t[0].numel() * t.element_size() for t in self.expert_weights[0])
 
     # -- process / thread mode --------------------------------------------------------------
 
@@ -602,6 +724,8 @@ class EplbState:
         flight.rows = {layer: self._map_rows(maps, layer) for layer in msg.layers}
         flight.record.layers_planned = len(msg.layers)
         flight.record.policy_s = msg.policy_s
+        flight.record.balancedness_before = msg.balancedness_before
+        flight.record.balancedness_after = msg.balancedness_after
         flight.last_progress = time.monotonic()
 
     def _accept_ready(self, flight: _InFlight, msg: LayerReady) -> None:

@@ -21,7 +21,7 @@ from mp_eplb.failpoints import failpoint
 from mp_eplb.peer_pull import CudaIpcPullCommunicator
 from mp_eplb.maps import RoutingMaps, maps_from_phy2log
 from mp_eplb.messages import WorkerTopology
-from mp_eplb.policy import rebalance_experts
+from mp_eplb.policy import mean_balancedness, rebalance_experts
 from mp_eplb.transfer import TransferMetadata, move_to_buffer
 
 __all__ = ["TransferWorker", "RebalancePlan", "build_worker"]
@@ -34,7 +34,9 @@ class RebalancePlan:
     """The outcome of one policy run, identical on every rank.
 
     ``maps`` hold the new placement of every layer; ``layers`` lists the layers whose map
-    changes, in the order they are staged and committed.
+    changes, in the order they are staged and committed. ``balancedness_before``/``_after``:
+    :func:`~mp_eplb.policy.mean_balancedness` of the old and new placement on the window the
+    policy read.
     """
 
     rebalance_id: int
@@ -42,6 +44,8 @@ class RebalancePlan:
     maps: RoutingMaps
     layers: list[int]
     policy_s: float = 0.0
+    balancedness_before: float = 1.0
+    balancedness_after: float = 1.0
     bytes_staged: int = 0
     stage_s: list[float] = field(default_factory=list)
 
@@ -123,8 +127,11 @@ class TransferWorker:
         layers = [int(layer) for layer in np.nonzero((new != old_phy2log).any(axis=1))[0]]
         logger.info("rank %d rebalance %d: %d of %d layers change (policy %.1f ms)",
                     topo.rank, rebalance_id, len(layers), new.shape[0], policy_s * 1e3)
-        return RebalancePlan(rebalance_id=rebalance_id, old_phy2log=old_phy2log, maps=maps,
-                             layers=layers, policy_s=policy_s)
+        return RebalancePlan(
+            rebalance_id=rebalance_id, old_phy2log=old_phy2log, maps=maps, layers=layers,
+            policy_s=policy_s,
+            balancedness_before=mean_balancedness(load, old_phy2log, topo.world_size),
+            balancedness_after=mean_balancedness(load, new, topo.world_size))
 
     # -- staging --------------------------------------------------------------------------
 

@@ -23,6 +23,7 @@ from ipc.channel import Channel
 from ipc.errors import IpcError
 from ipc.events import SharedEvent
 from ipc.schema import Goodbye, Hello
+from mp_eplb import logs
 from mp_eplb.failpoints import failpoint
 from mp_eplb.messages import PEER_FAILED_KIND, PROTOCOL_VERSION, Setup, SetupDone, WorkerError
 from mp_eplb.serve import StreamEvents, serve
@@ -68,9 +69,7 @@ def _open_setup(setup: Setup, progress: ProgressCounter):
 
 def main(info: StartInfo, progress: ProgressCounter) -> int:
     """Serve the engine described by ``info``, advancing ``progress``; the exit status."""
-    logging.basicConfig(level=os.environ.get("MP_EPLB_WORKER_LOG", "WARNING"),
-                        format="%(asctime)s worker[%(process)d] %(name)s %(levelname)s "
-                               "%(message)s")
+    logs.configure(f"worker[{os.getpid()}]")  # MP_EPLB_LOG, inherited from the engine
     channel = Channel.connect(info.endpoint, bytes.fromhex(info.key))
     try:
         channel.send(Hello(protocol_version=PROTOCOL_VERSION, pid=os.getpid(), role="eplb-worker"))

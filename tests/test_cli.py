@@ -17,17 +17,19 @@ def test_version_flag_prints_version() -> None:
 @pytest.mark.parametrize("argv,message", [
     (["demo", "--steps", "0"], "argument --steps: '0' must be a positive integer (>= 1)"),
     (["demo", "--ranks", "0"], "argument --ranks: '0' must be a positive integer (>= 1)"),
-    (["demo", "--rebalance-interval", "0"],
-     "argument --rebalance-interval: '0' must be a positive integer (>= 1)"),
-    (["demo", "--window", "-1"], "argument --window: '-1' must be an integer >= 0"),
+    (["demo", "--step-interval", "0"],
+     "argument --step-interval/--rebalance-interval: '0' must be a positive integer (>= 1)"),
+    (["demo", "--window-size", "-1"],
+     "argument --window-size/--window: '-1' must be an integer >= 0"),
     (["demo", "--layers-per-step", "x"], "argument --layers-per-step: 'x' is not an integer"),
-    (["demo", "--redundant", "-2"], "argument --redundant: '-2' must be an integer >= 0"),
+    (["demo", "--num-redundant-experts", "-2"],
+     "argument --num-redundant-experts/--redundant: '-2' must be an integer >= 0"),
     (["demo", "--timeout", "0"], "argument --timeout: '0' must be a positive number"),
     (["demo", "--collective-timeout", "inf"],
      "argument --collective-timeout: 'inf' must be a positive number"),
     (["bench", "--steps", "-3"], "argument --steps: '-3' must be a positive integer (>= 1)"),
     (["bench", "--rebalance-interval", "0"],
-     "argument --rebalance-interval: '0' must be a positive integer (>= 1)"),
+     "argument --step-interval/--rebalance-interval: '0' must be a positive integer (>= 1)"),
     (["bench", "--configs", "sync:-5"],
      "argument --configs: 'sync:-5': STEPS must be a positive integer, got '-5'"),
     (["bench", "--configs", "none,sync:400x"],
@@ -69,3 +71,12 @@ def test_good_options_parse() -> None:
     assert build_parser().parse_args(["bench"]).configs == []
     demo = build_parser().parse_args(["demo", "--ranks", "3", "--drift-offset", "-2"])
     assert (demo.ranks, demo.drift_offset, demo.device) == (3, -2, "cpu")
+
+
+def test_demo_flags_use_the_library_names_and_the_old_spellings_still_work() -> None:
+    new = build_parser().parse_args(["demo", "--step-interval", "40", "--window-size", "20",
+                                     "--num-redundant-experts", "6"])
+    old = build_parser().parse_args(["demo", "--rebalance-interval", "40", "--window", "20",
+                                     "--redundant", "6"])
+    for args in (new, old):
+        assert (args.rebalance_interval, args.window, args.redundant) == (40, 20, 6)

@@ -12,7 +12,7 @@ import dataclasses
 import logging
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
@@ -247,14 +247,17 @@ class RankResult:
 
 
 def run_engine(model: MoEModel, balancer: Balancer, *, steps: int, verify: bool = False,
-               progress_every: int = 0) -> RankResult:
+               progress_every: int = 0,
+               on_step: Callable[[int, StepReport], None] | None = None) -> RankResult:
     """Decode ``steps`` steps on this rank (a collective: every rank runs it together).
 
     ``verify``: check every layer's output against the dense reference each step (inside the
     timed step), and the weights of each committed layer against the new ``phy2log`` (after
     it). The weights of every layer are checked against the final map at the end, in any
     mode (:meth:`MoEModel.check_weights`, agreed by all ranks).
-    ``progress_every`` > 0: log one progress line every that many steps.
+    ``progress_every`` > 0: log one progress line every that many steps. ``on_step(done,
+    report)``: called after each step with the steps done so far and its ``StepReport``.
+    Step numbers in the result (``started``, ``committed``, ...) are 0-based step indices.
     Bookkeeping of the result (loads, placements) happens after each step's timing.
     Raises :class:`mp_eplb.demo.model.VerificationError` on a mismatch.
     """
@@ -295,9 +298,11 @@ def run_engine(model: MoEModel, balancer: Balancer, *, steps: int, verify: bool 
             result.placement_after.append(phy2log.tolist())
         if progress_every and (step + 1) % progress_every == 0:
             recent = np.asarray(result.step_latency_s[-progress_every:]) * 1e3
-            logger.info("step %d/%d: step p50 %.2f ms, p99 %.2f ms over the last %d steps%s",
-                        step + 1, steps, np.percentile(recent, 50), np.percentile(recent, 99),
+            logger.info("%d/%d steps done: step p50 %.2f ms, p99 %.2f ms over the last %d "
+                        "steps%s", step + 1, steps, np.percentile(recent, 50), np.percentile(recent, 99),
                         len(recent), ", rebalancing" if report.rebalance_active else "")
+        if on_step is not None:
+            on_step(step + 1, report)
     model.check_weights(balancer.physical_to_logical_map)
     result.rebalances = [dataclasses.asdict(record)
                          for record in getattr(balancer, "history", ())]

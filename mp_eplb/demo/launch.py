@@ -30,12 +30,15 @@ import torch.distributed as dist
 from ipc import handles
 from ipc.procs import stop_processes
 
+from mp_eplb import logs
 from mp_eplb.argtypes import device, non_negative_int, positive_float, positive_int
+from mp_eplb.progress import Progress, announce
 from mp_eplb.config import COMMUNICATORS, EplbConfig
 from mp_eplb.state import EplbState
 from mp_eplb.demo.engine import (Balancer, DriftingModel, RankResult, StaticBalancer,
                                  format_report, rebalance_report, run_engine, summarize)
 from mp_eplb.demo.model import ConfigError, MoEConfig, MoEModel
+from mp_eplb.demo.schedule import Schedule, default_schedule, settle_steps
 
 __all__ = [
     "DemoFailure",
@@ -104,12 +107,15 @@ class RankContext:
 
 
 def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add the demo's options to ``parser`` (the ``demo`` subcommand's)."""
+    """Add the demo's options to ``parser`` (the ``demo`` subcommand's). The default steps,
+    interval and drifts are :func:`~mp_eplb.demo.schedule.default_schedule`'s."""
+    schedule = default_schedule(MoEConfig.num_layers)
     run = parser.add_argument_group("run")
     run.add_argument("--ranks", type=positive_int, default=2, help="rank processes (default 2)")
     run.add_argument("--device", type=device, choices=("cpu", "cuda"), default="cpu",
                      help="cpu (gloo) or cuda (NCCL, one GPU per rank)")
-    run.add_argument("--steps", type=positive_int, default=430, help="decode steps (default 430)")
+    run.add_argument("--steps", type=positive_int, default=schedule.steps,
+                     help="decode steps (default %(default)s)")
     run.add_argument("--seed", type=int, default=0, help="seed of weights, tokens and routing")
     run.add_argument("--verify", action="store_true",
                      help="check every layer's output against a dense reference at every step")
@@ -120,26 +126,33 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--communicator", choices=COMMUNICATORS, default="auto",
                      help="how weights move: auto (cuda_ipc on GPUs, gloo on CPU), cuda_ipc, "
                           "nccl, gloo")
-    run.add_argument("--quiet", action="store_true", help="no progress lines")
+    run.add_argument("--quiet", action="store_true", help="no progress bar or lines")
     run.add_argument("--progress-every", type=non_negative_int, default=0,
-                     help="steps between progress lines (default: steps / 10)")
+                     help="also log step latency every that many steps (default: off)")
     run.add_argument("--timeout", type=positive_float, default=600.0,
                      help="seconds the whole run may take before it is stopped (default 600)")
     run.add_argument("--collective-timeout", type=positive_float, default=120.0,
                      help="seconds one collective of the engine group may wait (default 120)")
-    add_schedule_arguments(parser, rebalance_interval=50)
-    add_model_arguments(parser, MoEConfig(drift_interval=175))
+    add_schedule_arguments(parser, rebalance_interval=schedule.rebalance_interval)
+    add_model_arguments(parser, MoEConfig(drift_interval=schedule.drift_interval))
+    parser.set_defaults(drift_offset=schedule.drift_offset)
 
 
 def add_schedule_arguments(parser: argparse.ArgumentParser, *,
                            rebalance_interval: int | None) -> None:
-    """``--window``, ``--layers-per-step``, ``--rebalance-interval`` (``None``: no default)."""
+    """``--window-size``, ``--layers-per-step``, ``--step-interval`` (named like
+    :class:`~mp_eplb.EplbConfig`'s fields; the older ``--window`` and ``--rebalance-interval``
+    still work). ``rebalance_interval`` ``None``: no default."""
     group = parser.add_argument_group("rebalancing")
-    group.add_argument("--window", type=non_negative_int, default=0,
-                       help="steps of load the policy reads (default: the rebalance interval)")
+    group.add_argument("--window-size", "--window", dest="window", metavar="STEPS",
+                       type=non_negative_int,
+                       default=0, help="steps of load the policy reads (default: the step "
+                                       "interval)")
     group.add_argument("--layers-per-step", type=positive_int, default=1,
                        help="layers switched per step at most (default 1)")
-    group.add_argument("--rebalance-interval", type=positive_int, default=rebalance_interval,
+    group.add_argument("--step-interval", "--rebalance-interval", dest="rebalance_interval",
+                       metavar="STEPS",
+                       type=positive_int, default=rebalance_interval,
                        help="steps between rebalances (default %(default)s)")
 
 
@@ -148,18 +161,21 @@ def add_model_arguments(parser: argparse.ArgumentParser, default: MoEConfig | No
     (the caller fills them, e.g. from a per-device preset)."""
     model = parser.add_argument_group("model")
     base = default or MoEConfig()
-    for flag, name, text, kind in (
-            ("--layers", "num_layers", "MoE layers", positive_int),
-            ("--experts", "num_experts", "logical experts per layer", positive_int),
-            ("--redundant", "num_redundant", "redundant physical slots per layer",
-             non_negative_int),
-            ("--hidden", "hidden", "hidden size", positive_int),
-            ("--inter", "inter", "expert intermediate size", positive_int),
-            ("--top-k", "top_k", "experts per token", positive_int),
-            ("--tokens", "tokens_per_rank", "tokens per rank per step", positive_int),
-            ("--drift-interval", "drift_interval",
+    # flags: the name (like EplbConfig's field where there is one), then older spellings; the
+    # last one names the attribute
+    for flags, name, text, kind in (
+            (("--layers",), "num_layers", "MoE layers", positive_int),
+            (("--experts",), "num_experts", "logical experts per layer", positive_int),
+            (("--num-redundant-experts", "--redundant"), "num_redundant",
+             "redundant physical slots per layer", non_negative_int),
+            (("--hidden",), "hidden", "hidden size", positive_int),
+            (("--inter",), "inter", "expert intermediate size", positive_int),
+            (("--top-k",), "top_k", "experts per token", positive_int),
+            (("--tokens",), "tokens_per_rank", "tokens per rank per step", positive_int),
+            (("--drift-interval",), "drift_interval",
              "steps between changes of each layer's hot experts", positive_int)):
-        model.add_argument(flag, type=kind, default=getattr(default, name, None),
+        model.add_argument(*flags, dest=flags[-1][2:].replace("-", "_"), type=kind,
+                           default=getattr(default, name, None),
                            help=f"{text} (default {getattr(base, name) if default else 'preset'})")
     model.add_argument("--zipf", type=float, default=getattr(default, "zipf", None),
                        help="routing skew: Zipf exponent of the router bias "
@@ -283,14 +299,17 @@ def _demo_rank(env: RankEnv, args: argparse.Namespace) -> dict:
     """One rank of the demo: build the model and balancer, decode, return the RankResult."""
     model = build_model(args, env)
     balancer, setup = _measured_balancer(args, RankContext(env, model))
-    progress = 0
-    if env.rank == 0 and not args.quiet:
-        progress = args.progress_every or max(1, args.steps // 10)
+    shown = env.rank == 0 and not args.quiet
+    bar = Progress(args.steps, "demo steps") if shown else None
     try:
         result = run_engine(model, balancer, steps=args.steps, verify=args.verify,
-                            progress_every=progress)
+                            progress_every=args.progress_every if shown else 0,
+                            on_step=bar and (lambda done, report: bar.update(
+                                done, "rebalancing" if report.rebalance_active else "")))
     finally:
         balancer.shutdown()
+    if bar:
+        bar.close(f"{len(result.finished)} rebalances finished")
     result.setup = setup
     return result.to_dict()
 
@@ -307,8 +326,7 @@ class _SpawnSpec:
 def _rank_entry(rank: int, spec: _SpawnSpec, target: RankTarget, arg: object,
                 conn: Connection) -> None:
     """Entry point of spawned rank ``rank``: run ``target``, send one msgpack payload on ``conn``."""
-    logging.basicConfig(level=logging.WARNING if spec.quiet else logging.INFO,
-                        format=f"%(asctime)s rank{rank} %(name)s %(levelname)s %(message)s")
+    logs.configure(f"rank{rank}", default=logging.WARNING if spec.quiet else logging.INFO)
     ok = False
     try:
         device = torch.device(f"cuda:{rank}" if spec.device == "cuda" else "cpu")
@@ -386,9 +404,18 @@ def run_ranks(args: argparse.Namespace) -> list[RankResult]:
         raise ConfigError(f"--ranks {args.ranks} needs {args.ranks} GPUs, "
                           f"{torch.cuda.device_count()} visible; lower --ranks")
     plain = argparse.Namespace(**{k: v for k, v in vars(args).items() if not callable(v)})
+    if args.mode != "none":
+        schedule = Schedule(args.steps, args.rebalance_interval, args.drift_interval,
+                            args.drift_offset)
+        for problem in schedule.conflicts(settle_steps(args.layers, args.layers_per_step)):
+            logger.warning("schedule: %s (mp_eplb.demo.schedule.default_schedule avoids it)",
+                           problem)
+    if not args.quiet:
+        announce(f"mp-eplb demo: starting {args.ranks} rank processes ({args.device}, mode "
+                 f"{args.mode}, {args.steps} steps, 0-based step numbers)")
     results = spawn_ranks(_demo_rank, plain, world_size=args.ranks, device=args.device,
                           timeout_s=args.timeout, collective_timeout_s=args.collective_timeout,
-                          quiet=args.quiet)
+                          quiet=True)  # ranks log at MP_EPLB_LOG (-v); rank 0 draws progress
     return [RankResult.from_dict(result) for result in results]
 
 

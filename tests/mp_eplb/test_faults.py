@@ -157,9 +157,16 @@ def test_cli_parent_kill_worker_exits_within_a_second(tmp_path, capsys) -> None:
     rank shuts down cleanly; the killed rank leaves nothing in /dev/shm and its socket
     directory is swept (as the next start does) and reported."""
     path = tmp_path / "faults.json"
-    code = run_faults(_args("--scenario", CLI_SCENARIO, "--timeout", "100", "--json", str(path)))
-    out = capsys.readouterr().out
+    code = run_faults(_args("--scenario", CLI_SCENARIO, "--timeout", "100", "--json", str(path),
+                            "--log-dir", str(tmp_path / "logs")))
+    captured = capsys.readouterr()
+    out = captured.out
     assert code == 0, out
+    # one line per scenario on stderr; the ranks' logs in --log-dir, not in the output
+    assert f"faults: {CLI_SCENARIO} finished: ok" in captured.err
+    assert sorted(p.name for p in (tmp_path / "logs").iterdir()) == [
+        "parent_kill-rank0.log", "parent_kill-rank1.log"]
+    assert "Traceback" not in out and " WARNING " not in out
     assert f"| {CLI_SCENARIO} | abandon | worker exited |" in out
     assert "1/1 scenarios kept every invariant" in out
     (row,) = json.loads(path.read_text())

@@ -24,7 +24,8 @@ def test_rebalance_plan_and_ready_round_trip_through_the_codec() -> None:
     p2l = np.array([[0, 1, 2, 0], [2, 1, 0, 1]])
     rebalance = Rebalance(rebalance_id=3, step=1200, phy2log=pack_int64(p2l), shape=[2, 4])
     assert _round_trip(rebalance) == rebalance
-    plan = Plan(rebalance_id=3, layers=[1], phy2log=pack_int64(p2l), shape=[2, 4], policy_s=0.01)
+    plan = Plan(rebalance_id=3, layers=[1], phy2log=pack_int64(p2l), shape=[2, 4], policy_s=0.01,
+                balancedness_before=0.5, balancedness_after=0.9)
     assert _round_trip(plan) == plan
     metadata = TransferMetadata.unchanged(4).to_wire()
     ready = LayerReady(rebalance_id=3, index=0, layer=1, slot=1, metadata=metadata, sent_at=5.5)
