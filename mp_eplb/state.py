@@ -9,8 +9,10 @@ whole rearrangement in one blocking call.
 
 Commit protocol (invariants 1 and 2): while a rebalance is in flight, every rank contributes
 ``[layers staged here, plan received here, no local failure]`` to one MIN all-reduce of three
-int64 on the engine's CPU group per step; all ranks then commit the same layers, or abandon
-the rebalance together. Outside a rebalance there is no collective at all.
+int64 on the engine's CPU group per step. It is pipelined: issued asynchronously at step S and
+its result acted on at step S+1, so the host does not wait for the peers in steady state; all
+ranks act on the same result at the same step, so they commit the same layers, or abandon the
+rebalance together. Outside a rebalance there is no collective at all.
 """
 
 from __future__ import annotations
@@ -90,10 +92,12 @@ class _InFlight:
     maps: RoutingMaps | None = None
     ready: list[LayerReady] = field(default_factory=list)
     metadata: list[TransferMetadata] = field(default_factory=list)
-    rows: dict[int, tuple[torch.Tensor, ...]] = field(default_factory=dict)
+    rows: dict[int, torch.Tensor] = field(default_factory=dict)
     committed: int = 0
     last_progress: float = field(default_factory=time.monotonic)
     failure: str = ""
+    #: The agreement issued at the previous step: (its work, ``None`` on one rank; its tensor).
+    pending: tuple[dist.Work | None, torch.Tensor] | None = None
 
 
 class EplbState:
@@ -184,11 +188,17 @@ class EplbState:
                              f"({self.num_layers}, {self.num_physical}) [layers, physical slots]")
         maps = maps_from_phy2log(phy2log, num_logical_experts, redundant + 1)
         self._phy2log = maps.phy2log.copy()
-        self.physical_to_logical_map = torch.as_tensor(maps.phy2log, device=self.device)
-        self.logical_to_physical_map = torch.as_tensor(maps.log2phy, device=self.device)
-        self.logical_replica_count = torch.as_tensor(maps.logcnt, device=self.device)
-        self._load_index = self.physical_to_logical_map.clamp(min=0)
-        self._slot_valid = (self.physical_to_logical_map >= 0).to(torch.int64)
+        #: ``[layers, width]`` int64 on the weights' device: every map of a layer in one row, so a
+        #: layer's switch is one copy. The public maps are views of it, updated in place (never
+        #: re-bound: CUDA graphs captured on them stay valid).
+        self._maps_flat = _map_table(maps).to(self.device)
+        phy, log, cnt = (self.num_physical, num_logical_experts * (redundant + 1),
+                         num_logical_experts)
+        columns = torch.split(self._maps_flat, [phy, log, cnt, phy, phy], dim=1)
+        self.physical_to_logical_map = columns[0]
+        self.logical_to_physical_map = columns[1].unflatten(1, (num_logical_experts, redundant + 1))
+        self.logical_replica_count = columns[2]
+        self._load_index, self._slot_valid = columns[3], columns[4]
 
         self.step_count = 0
         self._closed = False
@@ -276,6 +286,8 @@ class EplbState:
         A rebalance in flight is abandoned; committed layers stay. Idempotent; ``step()``
         afterwards raises ``StateClosedError``."""
         self._closed = True
+        if self._inflight is not None:
+            self._drain(self._inflight)
         if self._backend is not None:
             self._backend.close()
             self._backend = None
@@ -490,33 +502,57 @@ class EplbState:
         return True
 
     def _advance(self) -> tuple[list[int], bool]:
+        """Act on the agreement issued at the previous step (if any), then issue this step's."""
         flight = self._inflight
         assert flight is not None and self._backend is not None
         self._take_messages(flight)
         self._check_worker(flight)
         t0 = time.perf_counter()
-        staged, has_plan, ok = self._agree(flight)
-        flight.record.agreement_s.append(time.perf_counter() - t0)
-        if not ok:
-            self._abandon(flight, flight.failure or "a peer rank's transfer failed")
-            return [], True
+        decision = self._drain(flight)
         committed: list[int] = []
-        if has_plan:
-            limit = min(staged, flight.committed + self.config.layers_per_step)
-            while flight.committed < limit:
-                committed.append(self._commit(flight, flight.committed))
-                flight.committed += 1
-            if flight.committed == len(flight.plan.layers):
-                self._finish(flight)
-                return committed, True
-        return committed, False
+        finished = False
+        if decision is not None:
+            staged, has_plan, ok = decision
+            if not ok:
+                flight.record.agreement_s.append(time.perf_counter() - t0)
+                self._abandon(flight, flight.failure or "a peer rank's transfer failed")
+                return [], True
+            if has_plan:
+                limit = min(staged, flight.committed + self.config.layers_per_step)
+                t_commit = time.perf_counter()
+                while flight.committed < limit:
+                    committed.append(self._commit(flight, flight.committed))
+                    flight.committed += 1
+                t0 += time.perf_counter() - t_commit  # commits are timed on their own
+                finished = flight.committed == len(flight.plan.layers)
+        if finished:
+            flight.record.agreement_s.append(time.perf_counter() - t0)
+            self._finish(flight)
+        else:
+            self._issue_agreement(flight)
+            flight.record.agreement_s.append(time.perf_counter() - t0)
+        return committed, finished
 
-    def _agree(self, flight: _InFlight) -> tuple[int, bool, bool]:
-        """One MIN all-reduce over the engine's ranks: staged layers, plan seen, healthy."""
+    def _issue_agreement(self, flight: _InFlight) -> None:
+        """Start this step's MIN all-reduce over the engine's ranks (staged layers, plan seen,
+        healthy), acted on at the next step by :meth:`_drain`."""
         status = torch.tensor([len(flight.ready), int(flight.plan is not None),
                                int(not flight.failure)], dtype=torch.int64)
+        work = None
         if self.world_size > 1:
-            dist.all_reduce(status, op=dist.ReduceOp.MIN, group=self.cpu_group)
+            work = dist.all_reduce(status, op=dist.ReduceOp.MIN, group=self.cpu_group,
+                                   async_op=True)
+        flight.pending = (work, status)
+
+    def _drain(self, flight: _InFlight) -> tuple[int, bool, bool] | None:
+        """Wait for the agreement issued at the previous step (done by now in steady state)
+        and return ``(staged, plan seen, healthy)`` over all ranks; ``None`` if none is pending.
+        Every rank has issued it at the same step, so the wait ends on every rank."""
+        if flight.pending is None:
+            return None
+        (work, status), flight.pending = flight.pending, None
+        if work is not None:
+            work.wait()
         staged, has_plan, ok = (int(v) for v in status.tolist())
         return staged, bool(has_plan), bool(ok)
 
@@ -617,21 +653,16 @@ class EplbState:
         flight.record.commit_s.append(time.perf_counter() - t0)
         return layer
 
-    def _map_rows(self, maps: RoutingMaps, layer: int) -> tuple[torch.Tensor, ...]:
-        """Host copies of ``layer``'s new rows of every map the engine keeps on its device
-        (pinned on CUDA, prepared when the plan arrives, so the commit's copies are async)."""
-        p2l = torch.as_tensor(maps.phy2log[layer])
-        rows = (p2l, torch.as_tensor(maps.log2phy[layer]), torch.as_tensor(maps.logcnt[layer]),
-                p2l.clamp(min=0), (p2l >= 0).to(torch.int64))
-        return tuple(r.pin_memory() for r in rows) if self.device.type == "cuda" else rows
+    def _map_rows(self, maps: RoutingMaps, layer: int) -> torch.Tensor:
+        """Host copy of ``layer``'s new row of the flat map table (pinned on CUDA, prepared
+        when the plan arrives, so the commit's copy is async)."""
+        row = _map_table(maps, layer)[0]
+        return row.pin_memory() if self.device.type == "cuda" else row
 
-    def _switch_maps(self, layer: int, rows: tuple[torch.Tensor, ...]) -> None:
-        """Switch ``layer``'s maps (queued on the current stream after its weights)."""
-        self._phy2log[layer] = rows[0].numpy()
-        for target, row in zip((self.physical_to_logical_map, self.logical_to_physical_map,
-                                self.logical_replica_count, self._load_index, self._slot_valid),
-                               rows):
-            target[layer].copy_(row, non_blocking=True)
+    def _switch_maps(self, layer: int, row: torch.Tensor) -> None:
+        """Switch ``layer``'s maps: one copy, queued on the current stream after its weights."""
+        self._phy2log[layer] = row[:self.num_physical].numpy()
+        self._maps_flat[layer].copy_(row, non_blocking=True)
 
     def _finish(self, flight: _InFlight) -> None:
         flight.record.end_step, flight.record.ended_at = self.step_count, time.perf_counter()
@@ -680,6 +711,17 @@ def _validate_weights(expert_weights: Sequence[Sequence[torch.Tensor]]) -> list[
                 raise ValueError(f"expert_weights[{index}][{i}] is not contiguous; pass "
                                  "contiguous tensors (call .contiguous() before building the state)")
     return layers
+
+
+def _map_table(maps: RoutingMaps, layer: int | None = None) -> torch.Tensor:
+    """``[layers, width]`` int64 on the CPU (``layer`` given: ``[1, width]`` of that layer): per
+    layer ``phy2log``, ``log2phy`` flattened, ``logcnt``, then the load window's index
+    (``phy2log`` clamped at 0) and slot validity (1 where a slot holds an expert)."""
+    pick = slice(None) if layer is None else slice(layer, layer + 1)
+    p2l = torch.as_tensor(maps.phy2log[pick])
+    return torch.cat([p2l, torch.as_tensor(maps.log2phy[pick]).flatten(1),
+                      torch.as_tensor(maps.logcnt[pick]), p2l.clamp(min=0),
+                      (p2l >= 0).to(torch.int64)], dim=1)
 
 
 def _is_int(value: object) -> bool:
