@@ -183,14 +183,19 @@ def plot(data: dict, path: Path) -> bool:
     panels[-1].set_xlabel(f"engine step from {trim} (orange: measured rebalances; grey: others; "
                           f"dashed: steady p50; clipped at {top:.1f} ms)")
     bars = axes[-1, 0]
-    width = 0.8 / len(configs)
-    for i, c in enumerate(configs):
-        added = [a for a, w in zip(c["series"]["added_ms"], c["series"]["windows"]) if w[2]]
-        bars.bar(np.arange(len(added)) + i * width, added, width, label=c["name"])
-    bars.set_xlabel("measured rebalance")
+    added = {c["name"]: [a for a, w in zip(c["series"]["added_ms"], c["series"]["windows"]) if w[2]]
+             for c in configs}
+    added = {name: values for name, values in added.items() if values}
+    width = 0.8 / max(1, len(added))
+    for i, (name, values) in enumerate(added.items()):
+        bars.bar(np.arange(len(values)) + (i - (len(added) - 1) / 2) * width, values, width,
+                 label=name)
+    bars.set_xticks(range(max(map(len, added.values()), default=0)))
+    bars.set_xlabel("measured rebalance (0 = the first measured)")
     bars.set_ylabel("added ms (total)")
     bars.set_title("step time added per rebalance, by configuration", fontsize=9, loc="left")
-    bars.legend(fontsize=7, ncol=len(configs))
+    if added:
+        bars.legend(fontsize=7, ncol=len(added))
     fig.suptitle(f"mp-eplb bench: {data['meta']['device_name']}, {data['meta']['ranks']} ranks",
                  fontsize=10)
     fig.tight_layout()

@@ -3,7 +3,9 @@ the per-rebalance report computed from them.
 
 Each step: scheduling bookkeeping in pure Python (so GIL contention shows), one forward of
 every MoE layer through the balancer's *current* maps (read fresh every step), then
-``balancer.step(load)``, which may switch maps and weights of some layers in place.
+``balancer.step(load)``, which may switch maps and weights of some layers in place. The
+forward is :class:`~mp_eplb.demo.model.MoEModel`'s (``--engine python``) or the CUDA-graph one
+of :mod:`mp_eplb.demo.graph` (``--engine graph``).
 """
 
 from __future__ import annotations
@@ -257,6 +259,8 @@ def run_engine(model: MoEModel, balancer: Balancer, *, steps: int, verify: bool 
     it). The weights of every layer are checked against the final map at the end, in any
     mode (:meth:`MoEModel.check_weights`, agreed by all ranks).
     ``progress_every`` > 0: log one progress line every that many steps.
+    The scheduler's host work runs before the forward, or after it for a model that
+    ``launches_async`` (overlapping the queued GPU work, as production engines do).
     Bookkeeping of the result (loads, placements) happens after each step's timing.
     Raises :class:`mp_eplb.demo.model.VerificationError` on a mismatch.
     """

@@ -99,6 +99,17 @@ def test_plot_is_skipped_with_a_warning_without_matplotlib(
     assert not (tmp_path / "x.png").exists()
 
 
+def test_plot_draws_panels_on_one_axis_and_bars_of_added_ms(tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    series = {"step_ms": [5.0 + (i % 3) for i in range(100)],
+              "windows": [[20, 25, False], [60, 66, True]], "added_ms": [9.0, 4.0]}
+    data = {"meta": {"device_name": "test", "ranks": 1},
+            "configs": [{"name": "none", "steady_ms": {"p50": 6.0, "p99": 7.0},
+                         "series": {"step_ms": series["step_ms"], "windows": [], "added_ms": []}},
+                        {"name": "sync", "steady_ms": {"p50": 6.0, "p99": 7.0}, "series": series}]}
+    assert plot(data, tmp_path / "p.png") is True and (tmp_path / "p.png").stat().st_size > 0
+
+
 def _segments() -> set[str]:
     return {n for n in os.listdir(SHM_DIR) if n.startswith(SEGMENT_PREFIX)}
 
