@@ -39,8 +39,6 @@ from mp_eplb.transfer import _copy_rows
 
 __all__ = ["bench_agreement", "bench_commit", "bench_pull", "main"]
 
-logger = logging.getLogger(__name__)
-
 
 def _median_ms(seconds: list[float]) -> float:
     return 1e3 * statistics.median(seconds)

@@ -2,8 +2,9 @@ export NCCL_NVLS_ENABLE=0
 # Issue #11 on ONE GPU (world size 1: nothing crosses ranks; the 2-GPU table waits for a 2-GPU
 # machine). Runs, each under its own time limit (about 6 minutes in all on one H200):
 #   1. the GPU tests of this work (those needing 2 GPUs skip themselves);
-#   2. the graph engine on `none` (no EPLB): steady p99/p50 acceptance (<= 1.05), printed;
-#      the Python engine on `none` beside it; the graph engine in process mode with --verify;
+#   2. the graph engine on `none` (no EPLB), with and without the fake scheduler's host work:
+#      steady p99/p50 acceptance (<= 1.05), printed; the Python engine on `none` beside it;
+#      the graph engine in process mode with --verify;
 #   3. the bench at world size 1 with --runs 3 (graph engine);
 #   4. tools/copy_bench.py (commit, agreement, cuda_ipc pull microbenchmarks).
 # Usage, from anywhere: OUT=/some/dir bash tools/one_h200.sh   (logs and results under $OUT;
@@ -34,20 +35,27 @@ SHAPE=(--layers 6 --experts 32 --redundant 4 --hidden 7168 --inter 2048 --top-k 
 part gpu_tests 100 python -m pytest -q -m gpu -k "not two_gpus" tests/mp_eplb/demo/test_graph.py \
   tests/mp_eplb/demo/test_engine.py tests/mp_eplb/test_state.py tests/mp_eplb/test_transfer.py
 
-part graph_none 60 python -m mp_eplb demo --device cuda --ranks 1 --mode none --engine graph \
-  --steps 500 "${SHAPE[@]}" --quiet
-python - "$OUT/graph_none.log" <<'EOF'
+acceptance() {  # acceptance LOG: steady p99/p50 of a demo log against 1.05
+  python - "$1" <<'PY'
 import re, sys
 text = open(sys.argv[1]).read()
 m = re.search(r"steady steps: p50 ([\d.]+) ms, p99 ([\d.]+) ms", text)
 if m:
     p50, p99 = map(float, m.groups())
     verdict = "MET" if p99 / p50 <= 1.05 else "NOT MET"
-    print(f"   ACCEPTANCE graph engine on none: steady p99/p50 = {p99 / p50:.3f} (<= 1.05: {verdict}); "
+    print(f"   ACCEPTANCE {sys.argv[1]}: steady p99/p50 = {p99 / p50:.3f} (<= 1.05: {verdict}); "
           f"p50 {p50:.2f} ms, p99 {p99:.2f} ms")
 else:
-    print("   ACCEPTANCE graph engine on none: no steady line in the log")
-EOF
+    print(f"   ACCEPTANCE {sys.argv[1]}: no steady line in the log")
+PY
+}
+
+part graph_none 60 python -m mp_eplb demo --device cuda --ranks 1 --mode none --engine graph \
+  --steps 500 "${SHAPE[@]}" --quiet
+acceptance "$OUT/graph_none.log"
+part graph_none_no_scheduler 50 python -m mp_eplb demo --device cuda --ranks 1 --mode none \
+  --engine graph --no-scheduler --steps 500 "${SHAPE[@]}" --quiet
+acceptance "$OUT/graph_none_no_scheduler.log"
 
 part python_none 50 python -m mp_eplb demo --device cuda --ranks 1 --mode none --engine python \
   --steps 150 "${SHAPE[@]}" --quiet

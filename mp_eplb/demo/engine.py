@@ -251,7 +251,7 @@ class RankResult:
 
 
 def run_engine(model: MoEModel, balancer: Balancer, *, steps: int, verify: bool = False,
-               progress_every: int = 0) -> RankResult:
+               progress_every: int = 0, scheduler: bool = True) -> RankResult:
     """Decode ``steps`` steps on this rank (a collective: every rank runs it together).
 
     ``verify``: check every layer's output against the dense reference each step (inside the
@@ -259,13 +259,15 @@ def run_engine(model: MoEModel, balancer: Balancer, *, steps: int, verify: bool 
     it). The weights of every layer are checked against the final map at the end, in any
     mode (:meth:`MoEModel.check_weights`, agreed by all ranks).
     ``progress_every`` > 0: log one progress line every that many steps.
-    The scheduler's host work runs before the forward, or after it for a model that
-    ``launches_async`` (overlapping the queued GPU work, as production engines do).
+    ``scheduler``: run :class:`FakeScheduler`'s host work each step, before the forward, or
+    after it for a model that ``launches_async`` (overlapping the queued GPU work, as
+    production engines do); ``False``: none.
     Bookkeeping of the result (loads, placements) happens after each step's timing.
     Raises :class:`mp_eplb.demo.model.VerificationError` on a mismatch.
     """
     cfg = model.cfg
-    scheduler = FakeScheduler(cfg.tokens_per_rank, seed=cfg.seed, rank=model.rank)
+    host_work = (FakeScheduler(cfg.tokens_per_rank, seed=cfg.seed, rank=model.rank).schedule
+                 if scheduler else lambda step: 0)
     result = RankResult(rank=model.rank)
     on_cuda = model.device.type == "cuda"
     phy2log = balancer.physical_to_logical_map.cpu().numpy().copy()
@@ -273,11 +275,11 @@ def run_engine(model: MoEModel, balancer: Balancer, *, steps: int, verify: bool 
     for step in range(steps):
         start, cpu_start = time.perf_counter(), time.process_time()
         if not model.launches_async:
-            scheduler.schedule(step)
+            host_work(step)
         out = model.forward(model.make_tokens(step), step, balancer.logical_to_physical_map,
                             balancer.logical_replica_count, verify=verify)
         if model.launches_async:
-            scheduler.schedule(step)  # host work overlapping the queued GPU work
+            host_work(step)  # overlapping the queued GPU work
         report = balancer.step(out.load)
         if on_cuda:
             torch.cuda.synchronize(model.device)
