@@ -158,7 +158,8 @@ def _pull_rank(env: RankEnv, spec: dict) -> dict:
     device = torch.device("cuda", puller_gpu)
     torch.cuda.set_device(device)
     handle = msgpack.unpackb(all_gather_bytes(b"", env.cpu_group)[0], raw=False)
-    src = handles.open_tensor(handle, {"dtype": "uint8"}, map_on=puller_gpu)
+    src = handles.open_tensor(handle, {"dtype": "uint8"},
+                              map_on=puller_gpu if puller_gpu != owner_gpu else None)
     dst = torch.empty(nbytes, dtype=torch.uint8, device=device)
     local = torch.empty_like(dst)
     streams = [torch.cuda.Stream(device) for _ in range(max(spec["streams"]))]
