@@ -62,7 +62,8 @@ class StepReport:
 class RebalanceRecord:
     """History of one rebalance (times in seconds; ``started_at``/``ended_at`` on the
     ``perf_counter`` clock). Per committed layer: ``commit_s`` (host time of
-    ``move_from_buffer`` + maps), ``commit_steps``; per step in flight: ``agreement_s``; per
+    ``move_from_buffer`` + maps), ``commit_steps``; per step in flight: ``agreement_s`` (host time
+    of waiting for the previous step's agreement and issuing this step's); per
     staged layer: ``ready_latency_s`` (worker send -> engine receipt)."""
 
     rebalance_id: int
@@ -111,7 +112,10 @@ class EplbState:
     ``cpu_group``: a gloo group over the engine's ranks, used only for the per-step agreement
     during a rebalance and at init. ``ep_group``: the engine's device group, used by ``sync``
     mode for the transfer (defaults to ``cpu_group``).
-    The routing maps are tensors on the weights' device, updated in place at commits.
+    The routing maps (``physical_to_logical_map`` [layers, physical], ``logical_to_physical_map``
+    [layers, logical, redundant + 1], ``logical_replica_count`` [layers, logical], int64) are
+    views of one ``[layers, width]`` table on the weights' device (not contiguous), updated in
+    place at commits and never re-bound, so a CUDA graph may read them.
     """
 
     def __init__(self, expert_weights: Sequence[Sequence[torch.Tensor]], *, rank: int,
