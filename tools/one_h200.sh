@@ -32,7 +32,7 @@ part() {  # part NAME SECONDS COMMAND...: run, log to $OUT/NAME.log, show its ta
 SHAPE=(--layers 6 --experts 32 --redundant 4 --hidden 7168 --inter 2048 --top-k 8 --tokens 512
        --dtype bfloat16)
 
-part gpu_tests 100 python -m pytest -q -m gpu -k "not two_gpus" tests/mp_eplb/demo/test_graph.py \
+part gpu_tests 60 python -m pytest -q -m gpu -k "not two_gpus" tests/mp_eplb/demo/test_graph.py \
   tests/mp_eplb/demo/test_engine.py tests/mp_eplb/test_state.py tests/mp_eplb/test_transfer.py
 
 acceptance() {  # acceptance LOG: steady p99/p50 of a demo log against 1.05
@@ -57,15 +57,15 @@ part graph_none_no_scheduler 50 python -m mp_eplb demo --device cuda --ranks 1 -
   --engine graph --no-scheduler --steps 500 "${SHAPE[@]}" --quiet
 acceptance "$OUT/graph_none_no_scheduler.log"
 
-part python_none 50 python -m mp_eplb demo --device cuda --ranks 1 --mode none --engine python \
-  --steps 150 "${SHAPE[@]}" --quiet
+part python_none 40 python -m mp_eplb demo --device cuda --ranks 1 --mode none --engine python \
+  --steps 100 "${SHAPE[@]}" --quiet
 
-part graph_verify 50 python -m mp_eplb demo --device cuda --ranks 1 --mode process --engine graph \
+part graph_verify 40 python -m mp_eplb demo --device cuda --ranks 1 --mode process --engine graph \
   --verify --steps 120 --rebalance-interval 30 --drift-interval 15 --layers 3 --experts 16 \
   --redundant 4 --hidden 1024 --inter 512 --top-k 4 --tokens 128 --dtype bfloat16 \
   --capacity-factor 20 --quiet
 
-part bench 120 python -m mp_eplb bench --device cuda --ranks 1 --engine graph --runs 3 --no-micro \
+part bench 150 python -m mp_eplb bench --device cuda --ranks 1 --engine graph --runs 3 --no-micro \
   --configs none:200,process-cuda_ipc:200 "${SHAPE[@]}" --out "$OUT/bench"
 
 part copy_bench 60 python tools/copy_bench.py --out "$OUT/copy_bench"
