@@ -21,6 +21,7 @@ import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from datetime import timedelta
 
 import numpy as np
 import torch
@@ -291,7 +292,11 @@ class EplbState:
         afterwards raises ``StateClosedError``."""
         self._closed = True
         if self._inflight is not None:
-            self._drain(self._inflight)
+            try:  # a peer that stopped before issuing its part must not hang the shutdown
+                self._drain(self._inflight, timeout_s=self.config.heartbeat_timeout_s)
+            except RuntimeError as err:
+                logger.warning("rank %d: the pending commit agreement did not complete at "
+                               "shutdown: %s", self.rank, err)
         if self._backend is not None:
             self._backend.close()
             self._backend = None
@@ -513,29 +518,27 @@ class EplbState:
         self._check_worker(flight)
         t0 = time.perf_counter()
         decision = self._drain(flight)
+        agreement_s = time.perf_counter() - t0
         committed: list[int] = []
-        finished = False
         if decision is not None:
             staged, has_plan, ok = decision
             if not ok:
-                flight.record.agreement_s.append(time.perf_counter() - t0)
+                flight.record.agreement_s.append(agreement_s)
                 self._abandon(flight, flight.failure or "a peer rank's transfer failed")
                 return [], True
             if has_plan:
                 limit = min(staged, flight.committed + self.config.layers_per_step)
-                t_commit = time.perf_counter()
                 while flight.committed < limit:
                     committed.append(self._commit(flight, flight.committed))
                     flight.committed += 1
-                t0 += time.perf_counter() - t_commit  # commits are timed on their own
-                finished = flight.committed == len(flight.plan.layers)
-        if finished:
-            flight.record.agreement_s.append(time.perf_counter() - t0)
-            self._finish(flight)
-        else:
-            self._issue_agreement(flight)
-            flight.record.agreement_s.append(time.perf_counter() - t0)
-        return committed, finished
+                if flight.committed == len(flight.plan.layers):
+                    flight.record.agreement_s.append(agreement_s)
+                    self._finish(flight)
+                    return committed, True
+        t0 = time.perf_counter()
+        self._issue_agreement(flight)
+        flight.record.agreement_s.append(agreement_s + time.perf_counter() - t0)
+        return committed, False
 
     def _issue_agreement(self, flight: _InFlight) -> None:
         """Start this step's MIN all-reduce over the engine's ranks (staged layers, plan seen,
@@ -548,15 +551,20 @@ class EplbState:
                                    async_op=True)
         flight.pending = (work, status)
 
-    def _drain(self, flight: _InFlight) -> tuple[int, bool, bool] | None:
+    def _drain(self, flight: _InFlight,
+               timeout_s: float | None = None) -> tuple[int, bool, bool] | None:
         """Wait for the agreement issued at the previous step (done by now in steady state)
         and return ``(staged, plan seen, healthy)`` over all ranks; ``None`` if none is pending.
-        Every rank has issued it at the same step, so the wait ends on every rank."""
+        Every rank issued it at the same step, so the wait ends on every rank; ``timeout_s``
+        bounds it (a ``RuntimeError`` from the process group past it)."""
         if flight.pending is None:
             return None
         (work, status), flight.pending = flight.pending, None
         if work is not None:
-            work.wait()
+            if timeout_s is None:
+                work.wait()
+            else:
+                work.wait(timeout=timedelta(seconds=timeout_s))
         staged, has_plan, ok = (int(v) for v in status.tolist())
         return staged, bool(has_plan), bool(ok)
 
