@@ -6,7 +6,7 @@ The functions named like vLLM's (``rebalance_experts``, ``move_to_buffer``,
 semantics so an engine can switch.
 
 The names below are imported on first use, so the transfer subprocess's bootstrap
-(:mod:`mp_eplb.worker_boot`) starts without importing torch.
+(:mod:`mp_eplb.worker.boot`) starts without importing torch.
 """
 
 from __future__ import annotations
@@ -15,17 +15,17 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from mp_eplb.communicator import (EplbCommunicator, GlooCommunicator, NcclCommunicator,
+    from mp_eplb.transfer.communicators import (EplbCommunicator, GlooCommunicator, NcclCommunicator,
                                       RowRef, make_communicator)
     from mp_eplb.config import EplbConfig
     from mp_eplb.errors import (EplbError, InvalidLoadError, PeerFailedError,
                                 PlacementFileError, StateClosedError, VllmConfigError,
                                 WorkerFailedError, WorkerStartError)
     from mp_eplb.maps import RoutingMaps, maps_from_phy2log
-    from mp_eplb.peer_pull import CudaIpcPullCommunicator
+    from mp_eplb.transfer.cuda_ipc import CudaIpcPullCommunicator
     from mp_eplb.placement import Placement, load_placement, save_placement
     from mp_eplb.policy import balancedness, mean_balancedness, rebalance_experts
-    from mp_eplb.state import EplbState, RebalanceRecord, StepReport
+    from mp_eplb.engine.state import EplbState, RebalanceRecord, StepReport
     from mp_eplb.transfer import (TransferMetadata, get_ep_ranks_with_experts_batch,
                                   move_from_buffer, move_to_buffer,
                                   rearrange_expert_weights_inplace, transfer_layer)
@@ -34,7 +34,7 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "mp_eplb.config": ("EplbConfig",),
-    "mp_eplb.state": ("EplbState", "StepReport", "RebalanceRecord"),
+    "mp_eplb.engine.state": ("EplbState", "StepReport", "RebalanceRecord"),
     "mp_eplb.errors": ("EplbError", "InvalidLoadError", "StateClosedError", "WorkerFailedError",
                        "PeerFailedError", "WorkerStartError", "PlacementFileError",
                        "VllmConfigError"),
@@ -44,9 +44,9 @@ _EXPORTS = {
     "mp_eplb.transfer": ("TransferMetadata", "get_ep_ranks_with_experts_batch", "move_to_buffer",
                          "move_from_buffer", "transfer_layer",
                          "rearrange_expert_weights_inplace"),
-    "mp_eplb.communicator": ("EplbCommunicator", "NcclCommunicator", "GlooCommunicator",
+    "mp_eplb.transfer.communicators": ("EplbCommunicator", "NcclCommunicator", "GlooCommunicator",
                              "RowRef", "make_communicator"),
-    "mp_eplb.peer_pull": ("CudaIpcPullCommunicator",),
+    "mp_eplb.transfer.cuda_ipc": ("CudaIpcPullCommunicator",),
 }
 _MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
 

@@ -55,13 +55,15 @@ import zmq
 from ipc import handles
 from ipc.channel import PRIVATE_DIR_PREFIX, Channel, sweep_stale_dirs
 from ipc.codec import MAC_BYTES, Codec, new_session_key
-from mp_eplb import backends, failpoints, logs
+from mp_eplb import logs
+from mp_eplb.engine import host as backends
+from mp_eplb.worker import failpoints
 from mp_eplb.argtypes import device, positive_float, positive_int
 from mp_eplb.progress import announce
 from mp_eplb.config import EplbConfig
 from mp_eplb.demo.launch import init_rank_groups
-from mp_eplb.messages import RebalanceDone
-from mp_eplb.state import EplbState
+from mp_eplb.protocol import RebalanceDone
+from mp_eplb.engine.state import EplbState
 
 __all__ = ["Scenario", "ScenarioResult", "FaultOptions", "FrameProxy", "SoakResult", "scenarios",
            "run_scenarios", "run_soak", "inject_wrong_key", "format_table",
@@ -499,7 +501,7 @@ def _stray_children(keep: int | None) -> list[str]:
                 cmd = f.read()
         except (OSError, IndexError):
             continue
-        if fields[0] == b"Z" or b"mp_eplb.worker_boot" in cmd:
+        if fields[0] == b"Z" or b"mp_eplb.worker.boot" in cmd:
             out.append(f"{pid}({fields[0].decode()})")
     return out
 

@@ -34,8 +34,8 @@ import torch.distributed as dist
 
 from ipc import handles
 from mp_eplb.demo.launch import RankEnv, spawn_ranks
-from mp_eplb.peer_pull import all_gather_bytes
-from mp_eplb.transfer import _copy_rows
+from mp_eplb.transfer.cuda_ipc import all_gather_bytes
+from mp_eplb.transfer.execute import _copy_rows
 
 __all__ = ["bench_agreement", "bench_commit", "bench_pull", "main"]
 

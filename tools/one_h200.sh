@@ -33,7 +33,7 @@ SHAPE=(--layers 6 --experts 32 --redundant 4 --hidden 7168 --inter 2048 --top-k 
        --dtype bfloat16)
 
 part gpu_tests 60 python -m pytest -q -m gpu -k "not two_gpus" tests/mp_eplb/demo/test_graph.py \
-  tests/mp_eplb/demo/test_engine.py tests/mp_eplb/test_state.py tests/mp_eplb/test_transfer.py
+  tests/mp_eplb/demo/test_engine.py tests/mp_eplb/engine/test_state.py tests/mp_eplb/transfer/test_transfer.py
 
 acceptance() {  # acceptance LOG: steady p99/p50 of a demo log against 1.05
   python - "$1" <<'PY'

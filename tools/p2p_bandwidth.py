@@ -28,7 +28,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from mp_eplb.communicator import make_communicator
+from mp_eplb.transfer.communicators import make_communicator
 from mp_eplb.transfer import move_to_buffer, rearrange_expert_weights_inplace
 
 __all__ = ["main"]

@@ -24,7 +24,7 @@ import torch.distributed as dist
 
 from ipc import handles
 from mp_eplb.demo.launch import RankEnv, spawn_ranks
-from mp_eplb.peer_pull import all_gather_bytes
+from mp_eplb.transfer.cuda_ipc import all_gather_bytes
 from mp_eplb.transfer import move_from_buffer, move_to_buffer
 
 __all__ = ["MicroSpec", "run_micro", "summarize_micro"]

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from mp_eplb.demo.model import ConfigError, MoEConfig, MoEModel, routing_maps
-from mp_eplb.state import StepReport
+from mp_eplb.engine.state import StepReport
 
 __all__ = [
     "Balancer",

@@ -34,7 +34,7 @@ from mp_eplb import logs
 from mp_eplb.argtypes import device, non_negative_int, positive_float, positive_int
 from mp_eplb.progress import Progress, announce
 from mp_eplb.config import COMMUNICATORS, EplbConfig
-from mp_eplb.state import EplbState
+from mp_eplb.engine.state import EplbState
 from mp_eplb.demo.engine import (Balancer, DriftingModel, RankResult, StaticBalancer,
                                  format_report, rebalance_report, run_engine, summarize)
 from mp_eplb.demo.graph import GraphMoEModel, GraphOptions

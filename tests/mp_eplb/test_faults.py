@@ -15,7 +15,7 @@ import json
 import pytest
 import torch
 
-from mp_eplb import failpoints
+from mp_eplb.worker import failpoints
 from mp_eplb.faults import (FaultOptions, ScenarioResult, add_faults_arguments, format_table,
                             run_faults, run_scenarios, scenarios)
 

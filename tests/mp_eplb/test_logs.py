@@ -36,7 +36,7 @@ def test_dash_v_reaches_every_rank_and_worker() -> None:
         capture_output=True, text=True, timeout=180, env=env, check=True)
     err = run.stderr
     for rank in (0, 1):
-        assert f" rank{rank} mp_eplb.backends INFO rank {rank}: transfer worker pid" in err
-        assert f"mp_eplb.worker INFO rank {rank} rebalance 0:" in err
+        assert f" rank{rank} mp_eplb.engine.host INFO rank {rank}: transfer worker pid" in err
+        assert f"mp_eplb.worker.logic INFO rank {rank} rebalance 0:" in err
     assert err.count(" worker[") >= 4  # both workers, both rebalances
     assert "weights verified" in run.stdout

@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 
 from ipc import handles
-from mp_eplb.communicator import EplbCommunicator, RowRef, stream_context
+from mp_eplb.transfer.communicators import EplbCommunicator, RowRef, stream_context
 
 __all__ = ["CudaIpcPullCommunicator", "all_gather_bytes"]
 

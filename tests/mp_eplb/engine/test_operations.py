@@ -52,8 +52,8 @@ def _run(rank: int, world: int, mode: str, kill_worker: bool) -> dict:
                             (6,))] for layer in range(LAYERS)]
     row_bytes = 6 * 4
     lines = _Lines()
-    logging.getLogger("mp_eplb.state").addHandler(lines)
-    logging.getLogger("mp_eplb.state").setLevel(logging.INFO)
+    logging.getLogger("mp_eplb.engine.state").addHandler(lines)
+    logging.getLogger("mp_eplb.engine.state").setLevel(logging.INFO)
     config = EplbConfig(mode=mode, window_size=WINDOW, step_interval=INTERVAL,
                         num_redundant_experts=REDUNDANT, log_balancedness=True,
                         log_balancedness_interval=5)

@@ -1,7 +1,7 @@
-"""The transfer subprocess after its bootstrap (:mod:`mp_eplb.worker_boot`, the entry point).
+"""The transfer subprocess after its bootstrap (:mod:`mp_eplb.worker.boot`, the entry point).
 
-The process wrapper around :mod:`mp_eplb.serve`: it connects the channel with the session
-key of its :class:`~mp_eplb.worker_boot.StartInfo`, opens the handles of :class:`Setup`,
+The process wrapper around :mod:`mp_eplb.worker.loop`: it connects the channel with the session
+key of its :class:`~mp_eplb.worker.boot.StartInfo`, opens the handles of :class:`Setup`,
 joins the workers' process group, then serves until ``Shutdown``. Any exception is sent to
 the engine as :class:`WorkerError` before the process exits non-zero: with
 ``PEER_FAILED_EXIT`` (kind ``PEER_FAILED_KIND``) when a collective with the peer workers
@@ -24,15 +24,15 @@ from ipc.errors import IpcError
 from ipc.events import SharedEvent
 from ipc.schema import Goodbye, Hello
 from mp_eplb import logs
-from mp_eplb.failpoints import failpoint
-from mp_eplb.messages import PEER_FAILED_KIND, PROTOCOL_VERSION, Setup, SetupDone, WorkerError
-from mp_eplb.serve import StreamEvents, serve
-from mp_eplb.worker import build_worker
-from mp_eplb.worker_boot import PEER_FAILED_EXIT, ProgressCounter, StartInfo
+from mp_eplb.worker.failpoints import failpoint
+from mp_eplb.protocol import PEER_FAILED_KIND, PROTOCOL_VERSION, Setup, SetupDone, WorkerError
+from mp_eplb.worker.loop import StreamEvents, serve
+from mp_eplb.worker.logic import build_worker
+from mp_eplb.worker.boot import PEER_FAILED_EXIT, ProgressCounter, StartInfo
 
 __all__ = ["main"]
 
-logger = logging.getLogger("mp_eplb.worker_process")
+logger = logging.getLogger(__name__)
 
 #: What gloo says (a plain RuntimeError) when the other end of a collective is gone or
 #: never came; NCCL raises ``dist.DistError`` subclasses.

@@ -1,8 +1,8 @@
 """Where the transfer worker runs: a subprocess (process mode) or a thread (thread mode).
 
-Both backends give :class:`~mp_eplb.state.EplbState` the same surface: the staging buffers
-and load window it writes, ``send``/``poll`` of :mod:`mp_eplb.messages`, liveness, GPU event
-hooks, and ``close``. The worker logic itself (:mod:`mp_eplb.serve`, :mod:`mp_eplb.worker`)
+Both backends give :class:`~mp_eplb.engine.state.EplbState` the same surface: the staging buffers
+and load window it writes, ``send``/``poll`` of :mod:`mp_eplb.protocol`, liveness, GPU event
+hooks, and ``close``. The worker logic itself (:mod:`mp_eplb.worker.loop`, :mod:`mp_eplb.worker.logic`)
 is the same in both.
 """
 
@@ -31,13 +31,13 @@ from ipc.errors import ChannelClosedError, IpcError
 from ipc.events import SharedEvent
 from ipc.schema import Hello, Shutdown
 from mp_eplb.errors import WorkerStartError
-from mp_eplb.messages import PROTOCOL_VERSION, Setup, SetupDone, WorkerError
-from mp_eplb.serve import QueueLink, StreamEvents, serve
-from mp_eplb.worker import build_worker
-from mp_eplb.worker_boot import ProgressCounter, StartInfo
+from mp_eplb.protocol import PROTOCOL_VERSION, Setup, SetupDone, WorkerError
+from mp_eplb.worker.loop import QueueLink, StreamEvents, serve
+from mp_eplb.worker.logic import build_worker
+from mp_eplb.worker.boot import ProgressCounter, StartInfo
 
 if TYPE_CHECKING:
-    from mp_eplb.state import EplbState
+    from mp_eplb.engine.state import EplbState
 
 __all__ = ["WorkerBackend", "ProcessBackend", "ThreadBackend", "make_backend", "rendezvous"]
 
@@ -153,7 +153,7 @@ def rendezvous(state: EplbState) -> str:
 
 
 class ProcessBackend(WorkerBackend):
-    """A transfer subprocess (``python -m mp_eplb.worker_boot``) talking over ZeroMQ.
+    """A transfer subprocess (``python -m mp_eplb.worker.boot``) talking over ZeroMQ.
 
     The weights are shared where they are (:func:`ipc.handles.share_storage`); staging buffers,
     load window and events are allocated here and exported as handles; the progress counter
@@ -210,7 +210,7 @@ class ProcessBackend(WorkerBackend):
             progress_fd=self.progress.fd, start_timeout_s=cfg.start_timeout_s).to_json())
         try:
             self.proc = procs.spawn(
-                [sys.executable, "-m", "mp_eplb.worker_boot", "--start-fd", str(start_fd)],
+                [sys.executable, "-m", "mp_eplb.worker.boot", "--start-fd", str(start_fd)],
                 pass_fds=(start_fd, self.progress.fd))
         finally:
             os.close(start_fd)

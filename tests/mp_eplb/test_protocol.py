@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from ipc.codec import Codec, new_session_key
-from mp_eplb.messages import (LayerReady, Plan, Rebalance, Setup, WorkerTopology, pack_int64,
+from mp_eplb.protocol import (LayerReady, Plan, Rebalance, Setup, WorkerTopology, pack_int64,
                               unpack_int64)
 from mp_eplb.transfer import TransferMetadata
 

@@ -1,6 +1,6 @@
 """The transfer worker's logic: plan a rebalance and stage layers. Knows nothing of processes.
 
-A :class:`TransferWorker` is driven by :mod:`mp_eplb.serve` in the transfer subprocess
+A :class:`TransferWorker` is driven by :mod:`mp_eplb.worker.loop` in the transfer subprocess
 (process mode) or on a thread of the engine (thread mode). It owns a process group of the
 workers of all ranks (never the engine's), reads the load window the engine fills, runs the
 placement-aware policy, and fills staging buffers layer by layer with ``move_to_buffer``.
@@ -16,11 +16,11 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from mp_eplb.communicator import EplbCommunicator, make_communicator
-from mp_eplb.failpoints import failpoint
-from mp_eplb.peer_pull import CudaIpcPullCommunicator
+from mp_eplb.transfer.communicators import EplbCommunicator, make_communicator
+from mp_eplb.worker.failpoints import failpoint
+from mp_eplb.transfer.cuda_ipc import CudaIpcPullCommunicator
 from mp_eplb.maps import RoutingMaps, maps_from_phy2log
-from mp_eplb.messages import WorkerTopology
+from mp_eplb.protocol import WorkerTopology
 from mp_eplb.policy import mean_balancedness, rebalance_experts
 from mp_eplb.transfer import TransferMetadata, move_to_buffer
 

@@ -1,7 +1,7 @@
 """The worker's message loop, shared by process mode and thread mode.
 
-:func:`serve` turns messages from the engine into :class:`~mp_eplb.worker.TransferWorker`
-calls and answers with :mod:`mp_eplb.messages`. It talks through a :class:`Link` (a ZeroMQ
+:func:`serve` turns messages from the engine into :class:`~mp_eplb.worker.logic.TransferWorker`
+calls and answers with :mod:`mp_eplb.protocol`. It talks through a :class:`Link` (a ZeroMQ
 channel in the subprocess, a pair of queues on a thread), so it knows nothing of processes.
 """
 
@@ -18,10 +18,10 @@ import torch
 
 from ipc.errors import IpcTimeoutError
 from ipc.schema import Shutdown
-from mp_eplb.failpoints import failpoint
-from mp_eplb.messages import (Abort, BufferFree, LayerReady, Plan, Rebalance, RebalanceDone,
+from mp_eplb.worker.failpoints import failpoint
+from mp_eplb.protocol import (Abort, BufferFree, LayerReady, Plan, Rebalance, RebalanceDone,
                               pack_int64, unpack_int64)
-from mp_eplb.worker import TransferWorker
+from mp_eplb.worker.logic import TransferWorker
 
 __all__ = ["Link", "QueueLink", "StreamEvents", "serve"]
 

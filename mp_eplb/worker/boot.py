@@ -1,4 +1,4 @@
-"""Entry point of the transfer subprocess: ``python -m mp_eplb.worker_boot --start-fd N``.
+"""Entry point of the transfer subprocess: ``python -m mp_eplb.worker.boot --start-fd N``.
 
 Standard library only, so it runs its first steps before anything heavy is imported:
 
@@ -11,7 +11,7 @@ Standard library only, so it runs its first steps before anything heavy is impor
    (:meth:`ProgressCounter.waiting`: imports, the wait for ``Setup``, rendezvous) may be
    silent, so a start-up hang anywhere else is judged within
    ``EplbConfig.heartbeat_timeout_s``;
-4. import and run :func:`mp_eplb.worker_process.main`.
+4. import and run :func:`mp_eplb.worker.main.main`.
 
 The engine side writes the pipe with ``ipc.procs.inheritable_pipe(info.to_json())`` and
 creates the counter with :meth:`ProgressCounter.create`.
@@ -33,7 +33,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 
-from mp_eplb.failpoints import arm_from_env, failpoint
+from mp_eplb.worker.failpoints import arm_from_env, failpoint
 
 __all__ = ["ProgressCounter", "StartInfo", "read_start_info", "main",
            "PARENT_GONE_EXIT", "PEER_FAILED_EXIT"]
@@ -134,7 +134,7 @@ def _watch_parent(parent_pid: int) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Boot the transfer worker (see the module doc) and return its exit status."""
-    parser = argparse.ArgumentParser(prog="mp_eplb.worker_boot")
+    parser = argparse.ArgumentParser(prog="mp_eplb.worker.boot")
     parser.add_argument("--start-fd", type=int, required=True,
                         help="inherited pipe holding the StartInfo JSON")
     args = parser.parse_args(argv)
@@ -145,8 +145,8 @@ def main(argv: list[str] | None = None) -> int:
     arm_from_env()
     failpoint("boot")
     with progress.waiting(info.start_timeout_s):
-        from mp_eplb import worker_process  # torch and the rest: only now
-    return worker_process.main(info, progress)
+        from mp_eplb.worker import main as worker_main  # torch and the rest: only now
+    return worker_main.main(info, progress)
 
 
 if __name__ == "__main__":

@@ -19,11 +19,9 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from mp_eplb.communicator import GlooCommunicator, RowRef, make_communicator
+from mp_eplb.transfer.communicators import GlooCommunicator, RowRef, make_communicator
 from mp_eplb.transfer import (
     TransferMetadata,
-    _map_new_expert_indices_with_rank_mapping,
-    _map_old_expert_indices_with_rank_mapping,
     get_ep_ranks_with_experts_batch,
     move_from_buffer,
     move_to_buffer,
@@ -31,6 +29,8 @@ from mp_eplb.transfer import (
     rearrange_expert_weights_inplace,
     transfer_layer,
 )
+from mp_eplb.transfer.execute import (_map_new_expert_indices_with_rank_mapping,
+                                      _map_old_expert_indices_with_rank_mapping)
 from tests.mp_eplb.dist_utils import run_distributed
 
 SENTINEL = 252  # value of rows that never held an expert; encode() stays below 251

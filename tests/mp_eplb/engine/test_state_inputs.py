@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-import mp_eplb.state as state_module
+import mp_eplb.engine.state as state_module
 from mp_eplb import EplbConfig, EplbError, EplbState
 from mp_eplb.errors import InvalidLoadError, StateClosedError
 from mp_eplb.policy import global_policy_reason
@@ -98,14 +98,14 @@ def test_global_policy_reason(groups: int, experts: int, nodes: int, reason: str
 
 def test_unusable_num_groups_warns_once_and_the_worker_gets_the_global_policy(
         caplog: pytest.LogCaptureFixture) -> None:
-    with caplog.at_level(logging.WARNING, logger="mp_eplb.state"):
+    with caplog.at_level(logging.WARNING, logger="mp_eplb.engine.state"):
         with _state(num_groups=3) as state:
             assert (state.num_groups, state.topology.num_groups) == (1, 1)
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert warnings == ["rank 0: num_groups=3 does not divide the 4 logical experts; the global "
                         "policy is used (num_groups=1)"]
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="mp_eplb.state"):
+    with caplog.at_level(logging.WARNING, logger="mp_eplb.engine.state"):
         with _state(num_groups=2) as state:
             assert (state.num_groups, state.topology.num_groups) == (2, 2)
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]

@@ -10,14 +10,14 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from mp_eplb.communicator import (
+from mp_eplb.transfer.communicators import (
     GlooCommunicator,
     NcclCommunicator,
     RowRef,
     default_communicator,
     make_communicator,
 )
-from mp_eplb.peer_pull import all_gather_bytes
+from mp_eplb.transfer.cuda_ipc import all_gather_bytes
 from tests.mp_eplb.dist_utils import DistributedRunError, run_distributed
 
 DTYPES = (torch.float32, torch.bfloat16, torch.uint8)

@@ -24,7 +24,7 @@ __all__ = [
 ]
 
 #: Version of this application protocol, exchanged in ``ipc.schema.Hello``. 2: ``Setup`` lost
-#: ``progress`` (the counter is inherited at spawn, see :mod:`mp_eplb.worker_boot`); ``Plan``
+#: ``progress`` (the counter is inherited at spawn, see :mod:`mp_eplb.worker.boot`); ``Plan``
 #: carries the policy's balancedness before/after.
 PROTOCOL_VERSION = 2
 

@@ -1,7 +1,7 @@
 """Failpoints: named places in the transfer worker where a fault-injection run makes it fail.
 
 Off unless armed. The transfer subprocess arms them once at start-up from its environment
-(:func:`arm_from_env`, called by :mod:`mp_eplb.worker_boot` only, so a failpoint never
+(:func:`arm_from_env`, called by :mod:`mp_eplb.worker.boot` only, so a failpoint never
 fires inside an engine process, not even in thread mode). Unarmed, :func:`failpoint` is one
 dictionary truth test.
 

@@ -21,7 +21,7 @@ import torch.distributed as dist
 
 from ipc import handles
 from ipc.procs import is_stopped
-from mp_eplb import backends
+from mp_eplb.engine import host as backends
 from mp_eplb import (EplbConfig, EplbState, PeerFailedError, WorkerFailedError,
                      WorkerStartError)
 from tests.mp_eplb.dist_utils import run_distributed

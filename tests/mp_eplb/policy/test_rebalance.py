@@ -11,17 +11,10 @@ import numpy as np
 import pytest
 import torch
 
-from mp_eplb.policy import (
-    PlacementLayout,
-    _best_replications,
-    _best_swaps,
-    _expert_counts,
-    _max_assignment,
-    _rank_loads,
-    _SearchStep,
-    balancedness,
-    rebalance_experts,
-)
+from mp_eplb.policy import PlacementLayout, balancedness, rebalance_experts
+from mp_eplb.policy.assignment import _max_assignment
+from mp_eplb.policy.balancedness import expert_counts, rank_loads
+from mp_eplb.policy.repair import _best_replications, _best_swaps, _SearchStep
 
 EXAMPLE_WEIGHT = [[90, 132, 40, 61, 104, 165, 39, 4, 73, 56, 183, 86],
                   [20, 107, 104, 64, 19, 197, 187, 157, 172, 86, 16, 27]]
@@ -284,12 +277,12 @@ def test_search_moves_predict_their_gain() -> None:
 
     old, p = placement(), placement()
     w = rng.exponential(100.0, (layers, experts))
-    limit = _rank_loads(w, p, ranks).mean(1) * rng.uniform(1.0, 1.3, layers)
+    limit = rank_loads(w, p, ranks).mean(1) * rng.uniform(1.0, 1.3, layers)
 
     def excess(placed: np.ndarray) -> np.ndarray:
-        return np.maximum(_rank_loads(w, placed, ranks) - limit[:, None], 0).sum(1)
+        return np.maximum(rank_loads(w, placed, ranks) - limit[:, None], 0).sum(1)
 
-    st = _SearchStep.of(w, p, old, _expert_counts(p, experts), limit, ranks)
+    st = _SearchStep.of(w, p, old, expert_counts(p, experts), limit, ranks)
     swaps = _best_swaps(st, node)
     reps = _best_replications(st, node, lay.max_count_bound)
     checked = 0
@@ -311,7 +304,7 @@ def test_search_moves_predict_their_gain() -> None:
             if kind == "swap":
                 q[layer, a], q[layer, b] = p[layer, b], p[layer, a]
             else:
-                assert _expert_counts(p, experts)[layer, p[layer, a]] > 1
+                assert expert_counts(p, experts)[layer, p[layer, a]] > 1
                 q[layer, a] = b
             gain = excess(q)[layer] - excess(p)[layer]
             assert moves.gain[layer] == pytest.approx(gain, abs=1e-9 * limit[layer]), kind
