@@ -25,8 +25,9 @@ __all__ = [
 
 #: Version of this application protocol, exchanged in ``ipc.schema.Hello``. 2: ``Setup`` lost
 #: ``progress`` (the counter is inherited at spawn, see :mod:`mp_eplb.worker.boot`); ``Plan``
-#: carries the policy's balancedness before/after.
-PROTOCOL_VERSION = 2
+#: carries the policy's balancedness before/after. 3: ``LayerReady`` lost ``metadata`` (the
+#: engine derives it from the two maps).
+PROTOCOL_VERSION = 3
 
 
 def pack_int64(array: np.ndarray) -> bytes:
@@ -127,15 +128,14 @@ class Plan:
 class LayerReady:
     """Plan entry ``index`` (layer ``layer``) is complete in staging buffer ``slot``.
 
-    ``metadata`` is ``TransferMetadata.to_wire()`` of the layer; ``sent_at`` the sender's
-    ``time.monotonic()`` (system-wide on Linux, so the engine can time delivery).
+    The engine derives the layer's ``TransferMetadata`` from the old and new maps itself;
+    ``sent_at`` is the sender's ``time.monotonic()`` (system-wide on Linux, so the engine can time delivery).
     """
 
     rebalance_id: int
     index: int
     layer: int
     slot: int
-    metadata: dict[str, Any]
     sent_at: float
 
 

@@ -40,7 +40,7 @@ from mp_eplb.protocol import (PEER_FAILED_KIND, Abort, BufferFree, LayerReady, P
                               unpack_int64)
 from mp_eplb.placement import load_placement, save_placement
 from mp_eplb.policy import global_policy_reason, mean_balancedness, rebalance_experts
-from mp_eplb.transfer import TransferMetadata, move_from_buffer, rearrange_expert_weights_inplace
+from mp_eplb.transfer import layer_metadata, move_from_buffer, rearrange_expert_weights_inplace
 from mp_eplb.worker.boot import PEER_FAILED_EXIT
 
 __all__ = ["EplbState", "StepReport", "RebalanceRecord"]
@@ -110,7 +110,6 @@ class _InFlight:
     plan: Plan | None = None
     maps: RoutingMaps | None = None
     ready: list[LayerReady] = field(default_factory=list)
-    metadata: list[TransferMetadata] = field(default_factory=list)
     rows: dict[int, torch.Tensor] = field(default_factory=dict)
     committed: int = 0
     last_progress: float = field(default_factory=time.monotonic)
@@ -784,13 +783,7 @@ class EplbState:
             self._fail(flight, f"out-of-order or invalid ready message (index {msg.index}, "
                                f"layer {msg.layer}, slot {msg.slot}; expected index {index})")
             return
-        try:
-            metadata = TransferMetadata.from_wire(msg.metadata)
-        except ValueError as err:
-            self._fail(flight, f"invalid transfer metadata for layer {msg.layer}: {err}")
-            return
         flight.ready.append(msg)
-        flight.metadata.append(metadata)
         flight.last_progress = time.monotonic()
         flight.record.ready_latency_s.append(flight.last_progress - msg.sent_at)
 
@@ -825,8 +818,10 @@ class EplbState:
         t0 = time.perf_counter()
         msg = flight.ready[index]
         layer = msg.layer
-        move_from_buffer(self.expert_weights[layer], self._backend.buffers[msg.slot],
-                         flight.metadata[index], flight.maps.phy2log[layer], self.rank)
+        new = flight.maps.phy2log[layer]
+        metadata = layer_metadata(self._phy2log[layer], new, self.num_local, self.rank)
+        move_from_buffer(self.expert_weights[layer], self._backend.buffers[msg.slot], metadata,
+                         new, self.rank)
         self._switch_maps(layer, flight.rows.pop(layer))
         self._backend.release_slot(msg.slot)
         self._backend.send(BufferFree(rebalance_id=flight.record.rebalance_id, slot=msg.slot,

@@ -10,7 +10,8 @@ from mp_eplb.transfer.cuda_ipc import CudaIpcPullCommunicator
 from mp_eplb.transfer.execute import (move_from_buffer, move_to_buffer,
                                       rearrange_expert_weights_inplace, transfer_layer)
 from mp_eplb.transfer.plan import (PlannedTransfer, TransferMetadata,
-                                   get_ep_ranks_with_experts_batch, plan_layer_transfers)
+                                   get_ep_ranks_with_experts_batch, layer_metadata,
+                                   plan_layer_transfers)
 
 __all__ = [
     "CudaIpcPullCommunicator",
@@ -21,6 +22,7 @@ __all__ = [
     "RowRef",
     "TransferMetadata",
     "get_ep_ranks_with_experts_batch",
+    "layer_metadata",
     "make_communicator",
     "move_from_buffer",
     "move_to_buffer",

@@ -15,7 +15,6 @@ computed identically on every rank, so no extra exchange is needed.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 
@@ -23,16 +22,16 @@ __all__ = [
     "TransferMetadata",
     "PlannedTransfer",
     "get_ep_ranks_with_experts_batch",
+    "layer_metadata",
     "plan_layer_transfers",
 ]
 
-_WIRE_MASKS = ("is_unchanged", "is_received_locally", "recv_primary_mask")
-_WIRE_KEYS = frozenset(
-    ("num_local_experts", "recv_count", "recv_expert_ids", "recv_dst_rows", *_WIRE_MASKS)
-)
+_MASKS = ("is_unchanged", "is_received_locally", "recv_primary_mask")
 
 
 @dataclass
+
+
 class TransferMetadata:
     """What :func:`move_to_buffer` staged for one layer on one rank.
 
@@ -71,45 +70,11 @@ class TransferMetadata:
             recv_dst_rows=np.full(n, -1, dtype=np.int32),
         )
 
-    def to_wire(self) -> dict[str, Any]:
-        """Plain data for msgpack: masks as bytes of 0/1, ids as little-endian int64
-        bytes, rows as little-endian int32 bytes, counts as ints."""
-        wire: dict[str, Any] = {
-            "num_local_experts": self.num_local_experts,
-            "recv_count": int(self.recv_count),
-            "recv_expert_ids": self.recv_expert_ids.astype("<i8").tobytes(),
-            "recv_dst_rows": self.recv_dst_rows.astype("<i4").tobytes(),
-        }
-        for key in _WIRE_MASKS:
-            wire[key] = getattr(self, key).astype(np.uint8).tobytes()
-        return wire
-
-    @classmethod
-    def from_wire(cls, wire: object) -> TransferMetadata:
-        """Inverse of :meth:`to_wire`; raises ValueError on anything malformed or
-        self-inconsistent (never returns metadata that could index out of bounds)."""
-        if not isinstance(wire, dict) or set(wire) != _WIRE_KEYS:
-            got = sorted(map(str, wire)) if isinstance(wire, dict) else type(wire).__name__
-            raise ValueError(f"TransferMetadata wire must have keys {sorted(_WIRE_KEYS)}, got {got}")
-        n = _wire_int(wire, "num_local_experts", 1, 1 << 20)
-        count = _wire_int(wire, "recv_count", 0, n)
-        masks = {}
-        for key in _WIRE_MASKS:
-            raw = np.frombuffer(_wire_bytes(wire, key, n), dtype=np.uint8)
-            if raw.max(initial=0) > 1:
-                raise ValueError(f"TransferMetadata wire {key!r} must hold only 0/1 bytes")
-            masks[key] = raw.astype(np.bool_)
-        ids = np.frombuffer(_wire_bytes(wire, "recv_expert_ids", 8 * n), dtype="<i8").astype(np.int64)
-        rows = np.frombuffer(_wire_bytes(wire, "recv_dst_rows", 4 * n), dtype="<i4").astype(np.int32)
-        metadata = cls(recv_count=count, recv_expert_ids=ids, recv_dst_rows=rows, **masks)
-        metadata.validate()
-        return metadata
-
     def validate(self) -> None:
         """Raise ValueError unless the fields are consistent (shapes, dtypes, padding,
         receive rows in range, unique and matching ``recv_primary_mask``)."""
         n = self.num_local_experts
-        for key, dtype in (*((k, np.bool_) for k in _WIRE_MASKS),
+        for key, dtype in (*((k, np.bool_) for k in _MASKS),
                            ("recv_expert_ids", np.int64), ("recv_dst_rows", np.int32)):
             value = getattr(self, key)
             if not isinstance(value, np.ndarray) or value.shape != (n,) or value.dtype != dtype:
@@ -135,21 +100,6 @@ class TransferMetadata:
         if (self.recv_primary_mask & self.is_received_locally).any():
             raise ValueError("TransferMetadata: a row cannot be both received locally "
                              "and a remote receive")
-
-
-def _wire_int(wire: dict, key: str, low: int, high: int) -> int:
-    value = wire[key]
-    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-        raise ValueError(f"TransferMetadata wire {key!r} must be an int in [{low}, {high}], "
-                         f"got {value!r}")
-    return value
-
-
-def _wire_bytes(wire: dict, key: str, size: int) -> bytes:
-    value = wire[key]
-    if not isinstance(value, (bytes, bytearray)) or len(value) != size:
-        raise ValueError(f"TransferMetadata wire {key!r} must be {size} bytes")
-    return bytes(value)
 
 
 @dataclass(frozen=True)
@@ -239,6 +189,15 @@ def plan_layer_transfers(
             plan.append(PlannedTransfer(expert, src, old_rows[(src, expert)],
                                         dst, new_rows[(dst, expert)]))
     return plan
+
+
+def layer_metadata(old_indices: np.ndarray, new_indices: np.ndarray, num_local_experts: int,
+                   rank: int) -> TransferMetadata:
+    """What :func:`~mp_eplb.transfer.execute.move_to_buffer` stages on ``rank`` for one layer
+    going from map ``old_indices`` to ``new_indices``: a pure function of the two maps (the
+    engine computes it for its commit instead of receiving it)."""
+    rows = slice(rank * num_local_experts, (rank + 1) * num_local_experts)
+    return local_metadata(np.asarray(old_indices)[rows], np.asarray(new_indices)[rows])[0]
 
 
 def local_metadata(

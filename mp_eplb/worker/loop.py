@@ -179,9 +179,9 @@ def _rebalance(worker: TransferWorker, inbox: _Inbox, events: StreamEvents, msg:
             break
         slot = inbox.free.popleft()
         events.wait_free(slot, worker.stream)
-        metadata = worker.stage(plan, layer, slot)
+        worker.stage(plan, layer, slot)
         inbox.link.send(LayerReady(rebalance_id=rid, index=index, layer=layer, slot=slot,
-                                   metadata=metadata.to_wire(), sent_at=time.monotonic()))
+                                   sent_at=time.monotonic()))
         failpoint("ready", rid)
         staged += 1
     inbox.link.send(RebalanceDone(rebalance_id=rid, layers_staged=staged,

@@ -13,7 +13,6 @@ import itertools
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import msgpack
 import numpy as np
 import pytest
 import torch
@@ -23,6 +22,7 @@ from mp_eplb.transfer.communicators import GlooCommunicator, RowRef, make_commun
 from mp_eplb.transfer import (
     TransferMetadata,
     get_ep_ranks_with_experts_batch,
+    layer_metadata,
     move_from_buffer,
     move_to_buffer,
     plan_layer_transfers,
@@ -196,7 +196,7 @@ def test_rank_mapping_helpers_follow_vllm() -> None:
         _map_old_expert_indices_with_rank_mapping(old, {0: 0, 1: 0}, 3)
 
 
-# ------------------------------------------------------------ metadata wire (1 proc)
+# ------------------------------------------------------------ metadata (1 proc)
 
 
 def sample_metadata() -> TransferMetadata:
@@ -211,54 +211,39 @@ def sample_metadata() -> TransferMetadata:
     )
 
 
-def test_metadata_wire_round_trip_through_msgpack() -> None:
-    metadata = sample_metadata()
-    wire = msgpack.unpackb(msgpack.packb(metadata.to_wire()), raw=False)
-    back = TransferMetadata.from_wire(wire)
+def test_layer_metadata_is_a_function_of_the_two_maps() -> None:
+    # rank 1 of 2, 4 local rows: row 0 keeps 3, row 1 copies 5 from row 2, rows 2-3 receive 9
+    old = np.array([9, 0, 1, 2, 3, 4, 5, 6])
+    new = np.array([9, 0, 1, 2, 3, 5, 9, 9])
+    metadata = layer_metadata(old, new, 4, 1)
+    expected = sample_metadata()
     for key in ("is_unchanged", "is_received_locally", "recv_primary_mask",
                 "recv_expert_ids", "recv_dst_rows"):
-        assert np.array_equal(getattr(back, key), getattr(metadata, key))
-        assert getattr(back, key).dtype == getattr(metadata, key).dtype
-    assert back.recv_count == 1
+        assert np.array_equal(getattr(metadata, key), getattr(expected, key)), key
+    assert metadata.recv_count == 1
+    metadata.validate()
+    assert layer_metadata(old, new, 4, 0).is_unchanged.all()
 
 
-def _bad_wire(change: Callable[[dict], None]) -> dict:
-    wire = sample_metadata().to_wire()
-    change(wire)
-    return wire
-
-
-BAD_WIRES = {
-    "missing key": (lambda w: w.pop("recv_count"), "must have keys"),
-    "extra key": (lambda w: w.update(evil=b""), "must have keys"),
-    "count not int": (lambda w: w.update(recv_count="1"), "'recv_count' must be an int"),
-    "count is bool": (lambda w: w.update(recv_count=True), "'recv_count' must be an int"),
-    "count too big": (lambda w: w.update(recv_count=5), "'recv_count' must be an int in"),
-    "zero experts": (lambda w: w.update(num_local_experts=0), "'num_local_experts' must be"),
-    "mask short": (lambda w: w.update(is_unchanged=b"\x01"), "'is_unchanged' must be 4 bytes"),
-    "mask not bytes": (lambda w: w.update(is_unchanged=[1, 0, 0, 0]), "must be 4 bytes"),
-    "mask not 0/1": (lambda w: w.update(is_unchanged=b"\x01\x00\x02\x00"), "only 0/1"),
-    "row out of range": (lambda w: w.update(
-        recv_dst_rows=np.array([7, -1, -1, -1], "<i4").tobytes()), "recv_dst_rows must be in"),
-    "bad padding": (lambda w: w.update(
-        recv_expert_ids=np.array([9, 3, -1, -1], "<i8").tobytes()), "-1 after them"),
-    "primary mismatch": (lambda w: w.update(recv_primary_mask=b"\x00\x00\x00\x01"),
+BAD_METADATA = {
+    "count too big": (lambda m: setattr(m, "recv_count", 5), "recv_count must be in"),
+    "mask short": (lambda m: setattr(m, "is_unchanged", np.ones(1, bool)), "is_unchanged must be"),
+    "row out of range": (lambda m: m.recv_dst_rows.__setitem__(0, 7), "recv_dst_rows must be in"),
+    "bad padding": (lambda m: m.recv_expert_ids.__setitem__(1, 3), "-1 after them"),
+    "primary mismatch": (lambda m: setattr(m, "recv_primary_mask", np.array([0, 0, 0, 1], bool)),
                          "must mark exactly"),
-    "local and primary": (lambda w: w.update(is_received_locally=b"\x01\x01\x01\x00"),
+    "local and primary": (lambda m: m.is_received_locally.__setitem__(2, True),
                           "both received locally and a remote"),
 }
 
 
-@pytest.mark.parametrize("name", sorted(BAD_WIRES))
-def test_metadata_from_wire_rejects_malformed(name: str) -> None:
-    change, message = BAD_WIRES[name]
+@pytest.mark.parametrize("name", sorted(BAD_METADATA))
+def test_metadata_validate_rejects_inconsistent_fields(name: str) -> None:
+    change, message = BAD_METADATA[name]
+    metadata = sample_metadata()
+    change(metadata)
     with pytest.raises(ValueError, match=message):
-        TransferMetadata.from_wire(_bad_wire(change))
-
-
-def test_metadata_from_wire_rejects_non_dict() -> None:
-    with pytest.raises(ValueError, match="must have keys"):
-        TransferMetadata.from_wire([1, 2])
+        metadata.validate()
 
 
 # ------------------------------------------------------- argument validation (1 proc)
@@ -414,7 +399,8 @@ def _check_rank_mapping(rank: int, world: int, group: dist.ProcessGroup, up: boo
 
 
 def _check_layer_api(rank: int, world: int, group: dist.ProcessGroup) -> None:
-    """transfer_layer, metadata through msgpack, move_from_buffer that reads only buffers."""
+    """transfer_layer, its metadata equal to layer_metadata of the maps, move_from_buffer that
+    reads only buffers."""
     old, new = random_maps(21 + world, 2, world, 3)
     new[0] = old[0]
     weights = make_weights(rank, 3, old)
@@ -426,8 +412,10 @@ def _check_layer_api(rank: int, world: int, group: dist.ProcessGroup) -> None:
     assert all(bool((b == SENTINEL).all()) for b in buffers), "unchanged layer wrote the buffer"
     metadata = asyncio.run(transfer_layer(torch.from_numpy(old), torch.from_numpy(new), weights,
                                           buffers, group, layer=1, communicator=comm))
-    wire = msgpack.unpackb(msgpack.packb(metadata.to_wire()), raw=False)
-    metadata = TransferMetadata.from_wire(wire)
+    derived = layer_metadata(old[1], new[1], 3, rank)
+    for key in ("is_unchanged", "is_received_locally", "recv_primary_mask", "recv_expert_ids",
+                "recv_dst_rows"):
+        assert np.array_equal(getattr(derived, key), getattr(metadata, key)), key
     # apply onto blank weights: every changed row must come from the buffer alone
     blank = [torch.zeros_like(t) for t in weights[1]]
     move_from_buffer(blank, buffers, metadata, new[1], rank)
