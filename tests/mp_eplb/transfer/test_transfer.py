@@ -227,7 +227,8 @@ def test_layer_metadata_is_a_function_of_the_two_maps() -> None:
 
 BAD_METADATA = {
     "count too big": (lambda m: setattr(m, "recv_count", 5), "recv_count must be in"),
-    "mask short": (lambda m: setattr(m, "is_unchanged", np.ones(1, bool)), "is_unchanged must be"),
+    "mask short": (lambda m: setattr(m, "is_received_locally", np.ones(1, bool)),
+                   "is_received_locally must be"),
     "row out of range": (lambda m: m.recv_dst_rows.__setitem__(0, 7), "recv_dst_rows must be in"),
     "bad padding": (lambda m: m.recv_expert_ids.__setitem__(1, 3), "-1 after them"),
     "primary mismatch": (lambda m: setattr(m, "recv_primary_mask", np.array([0, 0, 0, 1], bool)),
