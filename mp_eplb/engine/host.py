@@ -1,6 +1,7 @@
 """Where the transfer worker runs: a subprocess (process mode) or a thread (thread mode).
 
-Both backends give :class:`~mp_eplb.engine.state.EplbState` the same surface: the staging buffers
+A backend is built from a :class:`WorkerSpec` (what the engine fixed at construction), never
+from the state itself. Both give :class:`~mp_eplb.engine.state.EplbState` the same surface: the staging buffers
 and load window it writes, ``send``/``poll`` of :mod:`mp_eplb.protocol`, liveness, GPU event
 hooks, and ``close``. The worker logic itself (:mod:`mp_eplb.worker.loop`, :mod:`mp_eplb.worker.logic`)
 is the same in both.
@@ -9,6 +10,7 @@ is the same in both.
 from __future__ import annotations
 
 import abc
+import enum
 import logging
 import os
 import socket
@@ -17,8 +19,9 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -30,21 +33,63 @@ from ipc.codec import new_session_key
 from ipc.errors import ChannelClosedError, IpcError
 from ipc.events import SharedEvent
 from ipc.schema import Hello, Shutdown
+from mp_eplb.config import EplbConfig
 from mp_eplb.errors import WorkerStartError
-from mp_eplb.protocol import PROTOCOL_VERSION, Setup, SetupDone, WorkerError
+from mp_eplb.protocol import PROTOCOL_VERSION, Setup, SetupDone, WorkerError, WorkerTopology
 from mp_eplb.worker.loop import QueueLink, StreamEvents, serve
 from mp_eplb.worker.logic import build_worker
 from mp_eplb.worker.boot import ProgressCounter, StartInfo
 
-if TYPE_CHECKING:
-    from mp_eplb.engine.state import EplbState
-
-__all__ = ["WorkerBackend", "ProcessBackend", "ThreadBackend", "make_backend", "rendezvous"]
+__all__ = ["Health", "Phase", "WorkerSpec", "WorkerBackend", "ProcessBackend", "ThreadBackend",
+           "make_backend", "rendezvous"]
 
 logger = logging.getLogger(__name__)
 
 #: Seconds a worker gets to exit after ``Shutdown`` before terminate, then kill.
 SHUTDOWN_GRACE_S = 5.0
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    """What a worker host needs from its engine rank, fixed when the state is built.
+
+    ``expert_weights[layer][i]``: this rank's ``[local slots, ...]`` tensors (shared with the
+    worker in place, never re-homed); ``group``: the engine's CPU group over the EP ranks
+    (``None`` for one rank in process mode), used for the rendezvous broadcast and to build
+    the thread mode's own group.
+    """
+
+    rank: int
+    world_size: int
+    num_logical: int
+    device: torch.device
+    config: EplbConfig
+    topology: WorkerTopology
+    communicator: str | None
+    expert_weights: Sequence[Sequence[torch.Tensor]]
+    group: dist.ProcessGroup | None
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.expert_weights)
+
+
+class Phase(enum.Enum):
+    """Where a worker's start-up handshake stands (``Hello`` -> ``Setup`` -> ``SetupDone``)."""
+
+    HELLO = "waiting for Hello"
+    SETUP = "waiting for SetupDone"
+    READY = "ready"
+    STOPPED = "stopped"
+
+
+class Health(enum.Enum):
+    """A worker's health as the engine judges it (:meth:`WorkerBackend.health`)."""
+
+    STARTING = "starting"  # handshake in progress, bounded by start_timeout_s
+    OK = "ok"
+    EXITED = "exited"  # exited, ended or failed to start: exit_description() says how
+    HUNG = "hung"  # its progress counter stood still for heartbeat_timeout_s
 
 
 class WorkerBackend(abc.ABC):
@@ -55,46 +100,65 @@ class WorkerBackend(abc.ABC):
     it asks for a rebalance (never while the worker may read it). The engine owns all of them.
     """
 
-    def __init__(self, state: EplbState, empty: Callable[..., torch.Tensor]) -> None:
+    def __init__(self, spec: WorkerSpec, empty: Callable[..., torch.Tensor]) -> None:
         """Allocate staging buffers, load window and events with ``empty(shape, dtype,
         device)`` (shareable memory for a subprocess, plain tensors for a thread)."""
-        self.state = state
-        self._cuda = state.device.type == "cuda"
-        device = state.device
-        self.buffers = [[empty(t.shape, t.dtype, device) for t in state.expert_weights[0]]
-                        for _ in range(state.config.num_staging_buffers)]
-        self.load_total = empty((state.num_layers, state.num_logical), torch.int64, device)
+        self.spec = spec
+        self._cuda = spec.device.type == "cuda"
+        device = spec.device
+        slots = spec.config.num_staging_buffers
+        self.buffers = [[empty(t.shape, t.dtype, device) for t in spec.expert_weights[0]]
+                        for _ in range(slots)]
+        self.load_total = empty((spec.num_layers, spec.num_logical), torch.int64, device)
         self.load_total.zero_()
-        self.events = ([SharedEvent.create(device)
-                        for _ in range(1 + state.config.num_staging_buffers)]
-                       if self._cuda else [])
+        self.events = [SharedEvent.create(device) for _ in range(1 + slots)] if self._cuda else []
         self.progress = ProgressCounter.create()
         self._forget_progress()
 
     @abc.abstractmethod
-    def send(self, msg: Any) -> None: ...
+    def send(self, msg: Any) -> None:
+        """Queue ``msg`` (a :mod:`mp_eplb.protocol` message) for the worker without blocking.
+        Sent before the worker is ready, it is delivered once it is; to a worker that is gone,
+        it is dropped (:meth:`health` reports the exit at the next check)."""
 
     @abc.abstractmethod
-    def poll(self) -> Any | None: ...
+    def poll(self) -> Any | None:
+        """The worker's next message, or ``None`` at once if there is none (never blocks).
+        Also advances a start-up handshake."""
 
     @abc.abstractmethod
     def alive(self) -> bool:
         """False once the worker has exited, failed to start, or ended."""
 
     @abc.abstractmethod
-    def exit_description(self) -> str: ...
+    def exit_description(self) -> str:
+        """How the worker ended (exit code, signal, start-up error), for error messages."""
 
     @abc.abstractmethod
     def close(self, kill: bool = False) -> None:
-        """Stop the worker (``kill``: it is judged dead or hung, stop it at once)."""
+        """Stop the worker without waiting for it (``kill``: it is judged dead or hung, stop
+        it at once) and free what this backend allocated once it is gone. Idempotent."""
 
     #: Whether :meth:`restart` can replace a failed worker.
     restartable = False
 
     def restart(self, rendezvous: str) -> None:
+        """Replace the worker by a new one meeting its peers at ``rendezvous``; returns at once
+        (the handshake advances in :meth:`poll`). Collective: every rank restarts together."""
         raise NotImplementedError(f"{type(self).__name__} cannot restart its worker")
 
-    ready = True
+    @property
+    def ready(self) -> bool:
+        """Whether the worker finished its start-up handshake."""
+        return True
+
+    def health(self) -> Health:
+        """Judge the worker now (an observation of its progress counter: call it regularly)."""
+        if not self.alive():
+            return Health.EXITED
+        if not self.ready:
+            return Health.STARTING
+        return Health.HUNG if self.silent_s() > self.spec.config.heartbeat_timeout_s else Health.OK
 
     def silent_s(self) -> float:
         """Seconds since the worker's progress counter was last seen to change or to declare
@@ -106,14 +170,11 @@ class WorkerBackend(abc.ABC):
             self._progress_seen = (count, now)
         return now - self._progress_seen[1]
 
-    def hung(self) -> str:
-        """Why the worker counts as hung ("" if it does not): its progress counter stood
-        still for ``EplbConfig.heartbeat_timeout_s``."""
-        silent, limit = self.silent_s(), self.state.config.heartbeat_timeout_s
-        if silent <= limit:
-            return ""
-        return (f"transfer worker made no progress for {silent:.1f} s "
-                f"(EplbConfig.heartbeat_timeout_s={limit}); treating it as hung")
+    def hang_description(self) -> str:
+        """Why the worker counts as hung, for the error of :attr:`Health.HUNG`."""
+        return (f"transfer worker made no progress for {self.silent_s():.1f} s "
+                f"(EplbConfig.heartbeat_timeout_s={self.spec.config.heartbeat_timeout_s}); "
+                "treating it as hung")
 
     def _forget_progress(self) -> None:
         """A new worker starts: its silence counts from now."""
@@ -123,32 +184,32 @@ class WorkerBackend(abc.ABC):
     # engine's last read of a staging buffer. Recorded on the engine's current stream.
     def record_load_event(self) -> None:
         if self.events:
-            self.events[0].record(torch.cuda.current_stream(self.state.device))
+            self.events[0].record(torch.cuda.current_stream(self.spec.device))
 
     def release_slot(self, slot: int) -> None:
         if self.events:
-            self.events[1 + slot].record(torch.cuda.current_stream(self.state.device))
+            self.events[1 + slot].record(torch.cuda.current_stream(self.spec.device))
 
 
-def make_backend(state: EplbState) -> WorkerBackend:
-    """Start the worker of ``state.config.mode`` (collective over the engine's ranks)."""
-    if state.config.mode == "process":
-        return ProcessBackend(state)
-    return ThreadBackend(state)
+def make_backend(spec: WorkerSpec) -> WorkerBackend:
+    """Start the worker of ``spec.config.mode`` (collective over the engine's ranks)."""
+    if spec.config.mode == "process":
+        return ProcessBackend(spec)
+    return ThreadBackend(spec)
 
 
-def rendezvous(state: EplbState) -> str:
+def rendezvous(spec: WorkerSpec) -> str:
     """The workers' process-group address: the configured one, or a free port picked by
     rank 0 on 127.0.0.1 and shared over the engine's CPU group (single node only)."""
-    if state.config.rendezvous is not None:
-        return state.config.rendezvous
+    if spec.config.rendezvous is not None:
+        return spec.config.rendezvous
     port = torch.zeros(1, dtype=torch.int64)
-    if state.rank == 0:
+    if spec.rank == 0:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port[0] = s.getsockname()[1]
-    if state.world_size > 1:
-        dist.broadcast(port, src=dist.get_global_rank(state.cpu_group, 0), group=state.cpu_group)
+    if spec.world_size > 1:
+        dist.broadcast(port, src=dist.get_global_rank(spec.group, 0), group=spec.group)
     return f"tcp://127.0.0.1:{int(port.item())}"
 
 
@@ -165,23 +226,23 @@ class ProcessBackend(WorkerBackend):
     until the worker is set up. No method waits for a process exit (``ipc.procs.reap``).
     """
 
-    def __init__(self, state: EplbState) -> None:
+    def __init__(self, spec: WorkerSpec) -> None:
         # Shared in place: no weight changes address (CUDA) or storage (CPU), so views taken
         # before, the Parameters behind them and CUDA graphs captured before all stay valid.
         self._shared_weights: list[torch.Tensor] = []
         try:
-            for t in (t for layer in state.expert_weights for t in layer):
+            for t in (t for layer in spec.expert_weights for t in layer):
                 handles.share_storage(t)  # one reference each, given back at close
                 self._shared_weights.append(t)
         except BaseException:
             for t in self._shared_weights:
                 handles.release(t)
             raise
-        super().__init__(state, handles.shared_empty)
+        super().__init__(spec, handles.shared_empty)
         self.proc: subprocess.Popen | None = None
         self.channel: Channel | None = None
         try:
-            self._spawn(rendezvous(state))
+            self._spawn(rendezvous(spec))
             while not self.ready:
                 self._pump()
                 if self._start_error:
@@ -196,11 +257,11 @@ class ProcessBackend(WorkerBackend):
     # -- start-up -------------------------------------------------------------------------
 
     def _spawn(self, rendezvous: str) -> None:
-        cfg = self.state.config
+        cfg = self.spec.config
         key = new_session_key()
         self.channel = Channel.bind(key, cfg.endpoint)
         self._rendezvous_addr = rendezvous
-        self._phase = "hello"
+        self._phase = Phase.HELLO
         self._pending: list[Any] = []
         self._start_error = ""
         self._started_at = time.monotonic()
@@ -219,7 +280,7 @@ class ProcessBackend(WorkerBackend):
 
     @property
     def ready(self) -> bool:
-        return self._phase == "ready"
+        return self._phase is Phase.READY
 
     def _pump(self) -> None:
         """Advance the handshake without blocking: Hello -> Setup -> SetupDone."""
@@ -228,10 +289,12 @@ class ProcessBackend(WorkerBackend):
                 self._start_error = (f"transfer worker exited during start-up "
                                      f"({self.exit_description()}); see its log")
                 return
-            self._start_error = self.hung()
-            if time.monotonic() - self._started_at > self.state.config.start_timeout_s:
+            limit = self.spec.config.start_timeout_s
+            if self.silent_s() > self.spec.config.heartbeat_timeout_s:
+                self._start_error = self.hang_description()
+            elif time.monotonic() - self._started_at > limit:
                 self._start_error = ("transfer worker did not finish its handshake within "
-                                     f"EplbConfig.start_timeout_s={self.state.config.start_timeout_s} s")
+                                     f"EplbConfig.start_timeout_s={limit} s")
             if self._start_error:
                 return
             msg = self.channel.poll()
@@ -239,28 +302,28 @@ class ProcessBackend(WorkerBackend):
                 return
             if isinstance(msg, WorkerError):
                 self._start_error = f"transfer worker failed to start: {msg.kind}: {msg.detail}"
-            elif self._phase == "hello" and isinstance(msg, Hello):
+            elif self._phase is Phase.HELLO and isinstance(msg, Hello):
                 if msg.protocol_version != PROTOCOL_VERSION:
                     self._start_error = (
                         f"transfer worker speaks protocol {msg.protocol_version}, this engine "
                         f"{PROTOCOL_VERSION}: install the same mp_eplb for both")
                     return
                 self.channel.send(self._setup_message(self._rendezvous_addr))
-                self._phase = "setup"
-            elif self._phase == "setup" and isinstance(msg, SetupDone):
-                self._phase = "ready"
+                self._phase = Phase.SETUP
+            elif self._phase is Phase.SETUP and isinstance(msg, SetupDone):
+                self._phase = Phase.READY
                 self.start_s = time.monotonic() - self._started_at
-                logger.info("rank %d: transfer worker pid %d ready in %.2f s", self.state.rank,
+                logger.info("rank %d: transfer worker pid %d ready in %.2f s", self.spec.rank,
                             msg.pid, self.start_s)
                 for queued in self._pending:
                     self.channel.send(queued)
                 self._pending.clear()
             else:
                 logger.warning("rank %d: unexpected %s during worker start-up",
-                               self.state.rank, type(msg).__name__)
+                               self.spec.rank, type(msg).__name__)
 
     def _setup_message(self, rendezvous: str) -> Setup:
-        s = self.state
+        s = self.spec
         return Setup(
             topology=s.topology, communicator=s.communicator,
             rendezvous=rendezvous, device=str(s.device),
@@ -281,7 +344,7 @@ class ProcessBackend(WorkerBackend):
         except ChannelClosedError as err:
             # The worker is gone: alive() reports it at the next check and the rebalance is
             # abandoned there, on every rank, instead of this step failing.
-            logger.warning("rank %d: %s not delivered: %s", self.state.rank,
+            logger.warning("rank %d: %s not delivered: %s", self.spec.rank,
                            type(msg).__name__, err)
 
     def poll(self) -> Any | None:
@@ -330,7 +393,7 @@ class ProcessBackend(WorkerBackend):
                                        SHUTDOWN_GRACE_S, then)
         else:
             then()
-        self._phase = "stopped"
+        self._phase = Phase.STOPPED
         if self.channel is not None:
             self.channel.close()
             self.channel = None
@@ -358,28 +421,27 @@ class ThreadBackend(WorkerBackend):
     gets its own process group (created here, collectively) so its P2P traffic never
     interleaves with the engine's collectives."""
 
-    def __init__(self, state: EplbState) -> None:
-        super().__init__(state, lambda shape, dtype, device: torch.empty(shape, dtype=dtype,
+    def __init__(self, spec: WorkerSpec) -> None:
+        super().__init__(spec, lambda shape, dtype, device: torch.empty(shape, dtype=dtype,
                                                                          device=device))
-        device = state.device
         self._link, worker_link = QueueLink.pair()
         self._error: BaseException | None = None
         worker = build_worker(
-            topology=state.topology, communicator=state.communicator, device=device,
-            weights=state.expert_weights, buffers=self.buffers, load_total=self.load_total,
-            group=_thread_group(state))
+            topology=spec.topology, communicator=spec.communicator, device=spec.device,
+            weights=spec.expert_weights, buffers=self.buffers, load_total=self.load_total,
+            group=_thread_group(spec))
         self._thread = threading.Thread(
-            target=self._run, args=(worker, worker_link), name=f"eplb-transfer-{state.rank}",
+            target=self._run, args=(worker, worker_link), name=f"eplb-transfer-{spec.rank}",
             daemon=True)
         self._thread.start()
 
     def _run(self, worker, link: QueueLink) -> None:
         if self._cuda:
-            torch.cuda.set_device(self.state.device)
+            torch.cuda.set_device(self.spec.device)
         try:
-            serve(worker, link, StreamEvents(self.events, self.state.config.layer_timeout_s),
-                  num_slots=self.state.config.num_staging_buffers,
-                  layer_timeout_s=self.state.config.layer_timeout_s,
+            serve(worker, link, StreamEvents(self.events, self.spec.config.layer_timeout_s),
+                  num_slots=self.spec.config.num_staging_buffers,
+                  layer_timeout_s=self.spec.config.layer_timeout_s,
                   progress=self.progress.add)
         except BaseException as err:  # reported to the engine, which abandons the rebalance
             self._error = err
@@ -403,14 +465,16 @@ class ThreadBackend(WorkerBackend):
         nothing)."""
         if self._thread.is_alive():
             self._link.send(Shutdown(reason="engine shutdown"))
-            self._thread.join(timeout=SHUTDOWN_GRACE_S + self.state.config.layer_timeout_s)
+            self._thread.join(timeout=SHUTDOWN_GRACE_S + self.spec.config.layer_timeout_s)
             if self._thread.is_alive():
                 logger.warning("rank %d: transfer thread did not stop; leaving it (daemon)",
-                               self.state.rank)
+                               self.spec.rank)
                 return
         self.progress.close()
 
 
-def _thread_group(state: EplbState) -> dist.ProcessGroup:
-    """A gloo group of the transfer thread's own (thread mode moves weights with gloo)."""
-    return dist.new_group(ranks=list(range(state.world_size)), backend="gloo")
+def _thread_group(spec: WorkerSpec) -> dist.ProcessGroup:
+    """A gloo group of the transfer threads' own over the engine's EP ranks (thread mode moves
+    weights with gloo), in the engine group's rank order; only those ranks take part."""
+    ranks = dist.get_process_group_ranks(spec.group)
+    return dist.new_group(ranks=ranks, backend="gloo", use_local_synchronization=True)

@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 
 from ipc.schema import Goodbye
-from mp_eplb.engine.host import WorkerBackend, make_backend, rendezvous as _rendezvous_for
+from mp_eplb.engine.host import Health, WorkerBackend, WorkerSpec, make_backend, rendezvous
 from mp_eplb.config import EplbConfig
 from mp_eplb.errors import (EplbError, InvalidLoadError, PeerFailedError, StateClosedError,
                             WorkerFailedError)
@@ -250,7 +250,12 @@ class EplbState:
         if not np.array_equal(loaded, self._phy2log):
             self._move_to_start(loaded)
         if self.config.mode != "sync":
-            self._backend = make_backend(self)
+            self._spec = WorkerSpec(
+                rank=rank, world_size=world_size, num_logical=num_logical_experts,
+                device=self.device, config=self.config, topology=self.topology,
+                communicator=self.communicator, expert_weights=self.expert_weights,
+                group=self.cpu_group if self.cpu_group is not None else self.ep_group)
+            self._backend = make_backend(self._spec)
 
     # -- engine-facing API ------------------------------------------------------------------
 
@@ -578,18 +583,18 @@ class EplbState:
         backend = self._backend
         if self._worker_fault is not None:
             return self._worker_fault
-        if not backend.alive():
+        health = backend.health()
+        if health is Health.EXITED:
             reason = f"transfer worker exited ({backend.exit_description()})"
             if getattr(backend, "exit_code", None) == PEER_FAILED_EXIT:
                 return PeerFailedError(f"{reason} because a peer rank's worker failed")
             return WorkerFailedError(reason)
-        if not backend.ready:
+        if health is Health.STARTING:
             return None
         if self._restarted:
             self._restarted = False
             self._healthy = True
-        hung = backend.hung()
-        return WorkerFailedError(hung) if hung else None
+        return WorkerFailedError(backend.hang_description()) if health is Health.HUNG else None
 
     def _watch_idle(self) -> None:
         """Between rebalances: every WATCH_INTERVAL_S, take worker messages and check its
@@ -638,7 +643,7 @@ class EplbState:
         self._restarts += 1
         logger.warning("rank %d: restarting the transfer worker (restart %d)", self.rank,
                        self._restarts)
-        self._backend.restart(_rendezvous_for(self))
+        self._backend.restart(rendezvous(self._spec))
         self._worker_fault = None
         self._restarted = True
 
