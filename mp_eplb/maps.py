@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
+import torch
 
 __all__ = ["RoutingMaps", "default_phy2log", "maps_from_phy2log", "validate_phy2log", "occurrence"]
 
@@ -29,29 +31,43 @@ def default_phy2log(num_layers: int, num_physical: int, num_logical: int) -> np.
     return np.tile(np.arange(num_physical, dtype=np.int64) % num_logical, (num_layers, 1))
 
 
-def validate_phy2log(phy2log: np.ndarray, num_logical: int, name: str = "phy2log") -> np.ndarray:
-    """Return ``phy2log`` as int64 [layers, physical]; raise ``ValueError`` if malformed.
+def validate_phy2log(phy2log: Any, num_logical: int | None, name: str = "phy2log", *,
+                     shape: tuple[int | None, ...] | None = None, empty_slots: bool = True,
+                     every_expert: bool = True) -> np.ndarray:
+    """The one check of a placement: ``phy2log`` (numpy, torch or nested lists) as int64.
 
-    Every id must be -1 or in ``[0, num_logical)``, and every logical expert must have a slot.
+    ``shape``: the expected shape, ``None`` entries any non-zero size (default: 2-D
+    ``[layers, physical slots]``). Ids must be in ``[0, num_logical)`` (``num_logical`` None:
+    any id >= 0), or -1 for an empty slot where ``empty_slots``; with ``every_expert`` every
+    logical expert needs a slot in every layer. Raises ``ValueError`` naming the first bad
+    entry.
     """
+    if isinstance(phy2log, torch.Tensor):
+        phy2log = phy2log.detach().cpu().numpy()
     arr = np.asarray(phy2log)
-    if arr.ndim != 2:
-        raise ValueError(f"{name} must be 2-D [layers, physical slots], got shape {arr.shape}")
-    if not np.issubdtype(arr.dtype, np.integer):
+    if arr.dtype == np.bool_ or not np.issubdtype(arr.dtype, np.integer):
         raise ValueError(f"{name} must hold integer expert ids, got dtype {arr.dtype}")
+    want = shape if shape is not None else (None, None)
+    if arr.ndim != len(want) or any(w not in (None, n) or n == 0 for w, n in zip(want, arr.shape)):
+        dims = ", ".join("any" if w is None else str(w) for w in want) + ("," if len(want) == 1 else "")
+        raise ValueError(f"{name} must have shape ({dims}), got {tuple(arr.shape)}; pass a map of "
+                         "this model's layers and physical slots")
     arr = arr.astype(np.int64, copy=False)
-    bad = (arr < -1) | (arr >= num_logical)
+    low = -1 if empty_slots else 0
+    bad = (arr < low) if num_logical is None else (arr < low) | (arr >= num_logical)
     if bad.any():
-        layer, slot = map(int, np.argwhere(bad)[0])
-        raise ValueError(f"{name}[{layer}, {slot}] = {int(arr[layer, slot])} is not a logical expert "
-                         f"id in [0, {num_logical}) nor -1 (empty slot)")
-    present = np.zeros((arr.shape[0], num_logical + 1), dtype=bool)
-    np.put_along_axis(present, arr + 1, True, axis=1)
-    missing = ~present[:, 1:]
-    if missing.any():
-        layer, expert = map(int, np.argwhere(missing)[0])
-        raise ValueError(f"{name} layer {layer} has no slot for logical expert {expert}; every "
-                         "expert needs at least one replica")
+        where = tuple(int(i) for i in np.argwhere(bad)[0])
+        allowed = ">= 0" if num_logical is None else f"in [0, {num_logical})"
+        raise ValueError(f"{name}[{', '.join(map(str, where))}] = {int(arr[where])} is not a logical "
+                         f"expert id {allowed}" + (" nor -1 (empty slot)" if empty_slots else ""))
+    if every_expert and num_logical is not None:
+        present = np.zeros((arr.shape[0], num_logical + 1), dtype=bool)
+        np.put_along_axis(present, arr + 1, True, axis=1)
+        missing = ~present[:, 1:]
+        if missing.any():
+            layer, expert = map(int, np.argwhere(missing)[0])
+            raise ValueError(f"{name} layer {layer} has no slot for logical expert {expert}; every "
+                             "expert needs at least one replica")
     return arr
 
 

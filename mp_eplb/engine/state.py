@@ -39,7 +39,7 @@ from mp_eplb.protocol import (PEER_FAILED_KIND, Abort, BufferFree, LayerReady, P
                               RebalanceDone, WorkerError, WorkerTopology, pack_int64,
                               unpack_int64)
 from mp_eplb.placement import load_placement, save_placement
-from mp_eplb.policy import global_policy_reason, mean_balancedness, rebalance_experts
+from mp_eplb.policy import global_policy_reason, mean_balancedness, plan_rebalance
 from mp_eplb.transfer import layer_metadata, move_from_buffer, rearrange_expert_weights_inplace
 from mp_eplb.worker.boot import PEER_FAILED_EXIT
 
@@ -413,11 +413,8 @@ class EplbState:
                 raise ValueError(f"{name} file {source} is for {placement.num_logical} logical "
                                  f"experts, this model has {self.num_logical}")
             source = placement.phy2log
-        phy2log = validate_phy2log(np.asarray(source), self.num_logical, name)
-        if phy2log.shape != (self.num_layers, self.num_physical):
-            raise ValueError(f"{name} has shape {phy2log.shape}, expected "
-                             f"({self.num_layers}, {self.num_physical}) [layers, physical slots]")
-        return phy2log
+        return validate_phy2log(source, self.num_logical, name,
+                                shape=(self.num_layers, self.num_physical))
 
     def _move_to_start(self, loaded: np.ndarray) -> None:
         """Move the weights from the ``loaded`` layout to the starting placement, on every
@@ -542,16 +539,14 @@ class EplbState:
         self._next_id += 1
         load = self._window_load()
         t0 = time.perf_counter()
-        new, _, _ = rebalance_experts(load.numpy(), self.num_physical, self.num_groups,
-                                      self.world_size // self.ranks_per_node, self.world_size,
-                                      old_phy2log=self._phy2log,
-                                      max_replicas=self.config.num_redundant_experts + 1)
+        topo = self.topology
+        outcome = plan_rebalance(load, self._phy2log, num_logical=topo.num_logical,
+                                 num_groups=topo.num_groups, num_nodes=topo.num_nodes,
+                                 num_ranks=topo.world_size, max_replicas=topo.num_redundant + 1)
         record.policy_s = time.perf_counter() - t0
-        maps = maps_from_phy2log(np.asarray(new), self.num_logical,
-                                 self.config.num_redundant_experts + 1)
-        layers = [int(x) for x in np.nonzero((maps.phy2log != self._phy2log).any(axis=1))[0]]
-        record.balancedness_before = mean_balancedness(load, self._phy2log, self.world_size)
-        record.balancedness_after = mean_balancedness(load, maps.phy2log, self.world_size)
+        maps, layers = outcome.maps, outcome.layers
+        record.balancedness_before = outcome.balancedness_before
+        record.balancedness_after = outcome.balancedness_after
         record.bytes_staged = self._received_bytes(maps.phy2log)
         rearrange_expert_weights_inplace(
             torch.as_tensor(self._phy2log), torch.as_tensor(maps.phy2log), self.expert_weights,

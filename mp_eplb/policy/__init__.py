@@ -7,7 +7,8 @@ from __future__ import annotations
 
 from mp_eplb.policy.balancedness import balancedness, mean_balancedness
 from mp_eplb.policy.layout import PlacementLayout, global_policy_reason
-from mp_eplb.policy.rebalance import rebalance_experts
+from mp_eplb.policy.rebalance import (RebalanceOutcome, plan_rebalance, rebalance_experts,
+                                      rebalance_outcome)
 
-__all__ = ["PlacementLayout", "balancedness", "global_policy_reason", "mean_balancedness",
-           "rebalance_experts"]
+__all__ = ["PlacementLayout", "RebalanceOutcome", "balancedness", "global_policy_reason",
+           "mean_balancedness", "plan_rebalance", "rebalance_experts", "rebalance_outcome"]

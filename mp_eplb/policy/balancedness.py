@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from mp_eplb.policy.layout import as_placement, positive_int, as_weights
+from mp_eplb.maps import validate_phy2log
+from mp_eplb.policy.layout import as_weights, positive_int
 
 __all__ = ["balancedness", "expert_counts", "mean_balancedness", "rank_loads"]
 
@@ -39,7 +40,8 @@ def balancedness(weight: torch.Tensor | np.ndarray, phy2log: torch.Tensor | np.n
     w = as_weights(weight)
     layers, experts = w.shape
     num_ranks = positive_int("num_ranks", num_ranks)
-    p = as_placement("phy2log", phy2log, layers, None, experts)
+    p = validate_phy2log(phy2log, experts, shape=(layers, None), empty_slots=False,
+                         every_expert=False)
     if p.shape[1] % num_ranks:
         raise ValueError(f"phy2log has {p.shape[1]} slots per layer, not a multiple of num_ranks ({num_ranks}); "
                          f"pass the rank count the placement was made for")

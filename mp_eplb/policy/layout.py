@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["PlacementLayout", "as_placement", "as_weights", "global_policy_reason", "make_layout", "positive_int"]
+__all__ = ["PlacementLayout", "as_weights", "global_policy_reason", "make_layout", "positive_int"]
 
 logger = logging.getLogger(__name__)
 
@@ -73,29 +73,6 @@ def as_weights(weight: Any) -> np.ndarray:
         raise ValueError(f"weight must be finite and non-negative, got {w[layer, expert]} at layer {layer}, "
                          f"expert {expert} ({int(bad.sum())} bad entries); clamp or zero the load counts first")
     return w
-
-
-def as_placement(name: str, value: Any, num_layers: int, num_replicas: int | None,
-               num_experts: int) -> np.ndarray:
-    """``value`` as int64 [layers, replicas] of logical expert ids in [0, num_experts).
-
-    ``num_replicas`` None accepts any non-zero slot count.
-    """
-    p = _as_numpy(name, value)
-    if p.dtype == np.bool_ or p.dtype.kind not in "iu":
-        raise ValueError(f"{name} must have an integer dtype (logical expert ids), got {p.dtype}")
-    slots_ok = p.ndim == 2 and p.shape[1] > 0 and num_replicas in (None, p.shape[1])
-    if not slots_ok or p.shape[0] != num_layers:
-        want = f"[{num_layers} layers, {num_replicas if num_replicas is not None else 'slots'}]"
-        raise ValueError(f"{name} must have shape {want}, got {tuple(p.shape)}; pass a phy2log of the same "
-                         f"model and replica count")
-    p = p.astype(np.int64)
-    bad = (p < 0) | (p >= num_experts)
-    if bad.any():
-        layer, slot = np.argwhere(bad)[0]
-        raise ValueError(f"{name} ids must lie in [0, {num_experts}), got {p[layer, slot]} at layer {layer}, "
-                         f"slot {slot}; pass logical expert ids of this model")
-    return p
 
 
 def make_layout(num_layers: int, num_experts: int, num_replicas: Any, num_groups: Any, num_nodes: Any,

@@ -29,17 +29,19 @@ torch tensors owned by the caller.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from mp_eplb.maps import maps_from_phy2log
+from mp_eplb.maps import RoutingMaps, maps_from_phy2log, validate_phy2log
 from mp_eplb.policy.assignment import relabel
-from mp_eplb.policy.layout import as_placement, as_weights, make_layout, positive_int
+from mp_eplb.policy.balancedness import mean_balancedness
+from mp_eplb.policy.layout import as_weights, make_layout, positive_int
 from mp_eplb.policy.packing import place
 from mp_eplb.policy.repair import repair_or_relabel
 
-__all__ = ["rebalance_experts"]
+__all__ = ["RebalanceOutcome", "plan_rebalance", "rebalance_experts", "rebalance_outcome"]
 
 logger = logging.getLogger(__name__)
 
@@ -91,7 +93,9 @@ def rebalance_experts(
             raise ValueError(f"max_replicas ({max_replicas}) must be at least {lay.max_count_bound}, the most "
                              f"replicas one expert can get here; pass num_replicas - experts + 1 "
                              f"({lay.num_replicas - experts + 1}) or leave it None")
-    old = None if old_phy2log is None else as_placement("old_phy2log", old_phy2log, layers, lay.num_replicas, experts)
+    old = None if old_phy2log is None else validate_phy2log(
+        old_phy2log, experts, "old_phy2log", shape=(layers, lay.num_replicas), empty_slots=False,
+        every_expert=False)
 
     phy2log = place(w, lay)
     if old is not None:
@@ -107,3 +111,41 @@ def rebalance_experts(
     maps = maps_from_phy2log(phy2log, experts, max_replicas)
     return (torch.from_numpy(maps.phy2log), torch.from_numpy(maps.log2phy),
             torch.from_numpy(maps.logcnt))
+
+
+@dataclass(frozen=True)
+class RebalanceOutcome:
+    """A new placement and what it changes: ``layers`` whose map changes (ascending, the order
+    they are staged and committed) and the mean balancedness of the old and new placement on
+    the load the policy read."""
+
+    maps: RoutingMaps
+    layers: list[int]
+    balancedness_before: float
+    balancedness_after: float
+
+
+def rebalance_outcome(load: torch.Tensor | np.ndarray, old_phy2log: np.ndarray,
+                      new_phy2log: np.ndarray, *, num_logical: int, num_ranks: int,
+                      max_replicas: int) -> RebalanceOutcome:
+    """Describe the move from ``old_phy2log`` to ``new_phy2log`` (both ``[layers, slots]``)."""
+    maps = maps_from_phy2log(np.asarray(new_phy2log), num_logical, max_replicas)
+    changed = np.nonzero((maps.phy2log != old_phy2log).any(axis=1))[0]
+    return RebalanceOutcome(
+        maps=maps, layers=[int(layer) for layer in changed],
+        balancedness_before=mean_balancedness(load, old_phy2log, num_ranks),
+        balancedness_after=mean_balancedness(load, maps.phy2log, num_ranks))
+
+
+def plan_rebalance(load: torch.Tensor | np.ndarray, old_phy2log: np.ndarray, *, num_logical: int,
+                   num_groups: int, num_nodes: int, num_ranks: int,
+                   max_replicas: int) -> RebalanceOutcome:
+    """Run the placement-aware policy on ``load`` ``[layers, logical]`` from the live
+    ``old_phy2log`` and describe the result (:func:`rebalance_outcome`). ``num_groups`` is the
+    one the engine settled on (1 where the groups cannot be packed onto the nodes, see
+    :func:`~mp_eplb.policy.layout.global_policy_reason`); ``max_replicas`` is
+    ``num_redundant + 1``, the width of the engine's ``log2phy``."""
+    new, _, _ = rebalance_experts(np.asarray(load), old_phy2log.shape[1], num_groups, num_nodes,
+                                  num_ranks, old_phy2log=old_phy2log, max_replicas=max_replicas)
+    return rebalance_outcome(load, old_phy2log, new.numpy(), num_logical=num_logical,
+                             num_ranks=num_ranks, max_replicas=max_replicas)

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from mp_eplb.maps import validate_phy2log
 from mp_eplb.transfer.communicators import (
     DEFAULT_MAX_OPS_PER_BATCH,
     EplbCommunicator,
@@ -58,17 +59,6 @@ def _copy_rows(
     targets = [t.narrow(0, d0, n) for t in dst for d0, _, n in runs]
     sources = [t.narrow(0, s0, n) for t in src for _, s0, n in runs]
     torch._foreach_copy_(targets, sources, non_blocking=True)
-
-
-def _check_map(name: str, indices: np.ndarray, num_slots: int) -> None:
-    if indices.ndim != 1 or indices.shape[0] != num_slots:
-        raise ValueError(f"{name} must have shape ({num_slots},) = world size x local "
-                         f"experts, got {tuple(indices.shape)}")
-    if not np.issubdtype(indices.dtype, np.integer):
-        raise ValueError(f"{name} must hold integer expert ids, got {indices.dtype}")
-    if num_slots and indices.min() < -1:
-        raise ValueError(f"{name} holds id {int(indices.min())}: ids must be >= 0, or -1 "
-                         "for an empty slot")
 
 
 def _check_tensors(
@@ -110,7 +100,7 @@ def _check_layer(
     if buffers is not None:
         _check_tensors("expert_weights_buffers", buffers, weights)
     for name, indices in (("old_indices", old_indices), ("new_indices", new_indices)):
-        _check_map(name, indices, world * num_local_experts)
+        validate_phy2log(indices, None, name, shape=(world * num_local_experts,), every_expert=False)
     missing = np.setdiff1d(new_indices[new_indices != -1], old_indices)
     if missing.size:
         raise ValueError(f"experts {missing.tolist()[:8]} are in the new map but in no slot of "

@@ -16,13 +16,12 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from mp_eplb.transfer.communicators import EplbCommunicator, make_communicator
-from mp_eplb.worker.failpoints import failpoint
-from mp_eplb.transfer.cuda_ipc import CudaIpcPullCommunicator
-from mp_eplb.maps import RoutingMaps, maps_from_phy2log
+from mp_eplb.policy import RebalanceOutcome, plan_rebalance, rebalance_outcome
 from mp_eplb.protocol import WorkerTopology
-from mp_eplb.policy import mean_balancedness, rebalance_experts
 from mp_eplb.transfer import TransferMetadata, move_to_buffer
+from mp_eplb.transfer.communicators import EplbCommunicator, make_communicator
+from mp_eplb.transfer.cuda_ipc import CudaIpcPullCommunicator
+from mp_eplb.worker.failpoints import failpoint
 
 __all__ = ["TransferWorker", "RebalancePlan", "build_worker"]
 
@@ -31,21 +30,13 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class RebalancePlan:
-    """The outcome of one policy run, identical on every rank.
-
-    ``maps`` hold the new placement of every layer; ``layers`` lists the layers whose map
-    changes, in the order they are staged and committed. ``balancedness_before``/``_after``:
-    :func:`~mp_eplb.policy.mean_balancedness` of the old and new placement on the window the
-    policy read.
-    """
+    """One rebalance on this worker: the policy's ``outcome``, identical on every rank (its
+    ``layers`` are staged in that order), and this rank's staging figures."""
 
     rebalance_id: int
     old_phy2log: np.ndarray
-    maps: RoutingMaps
-    layers: list[int]
+    outcome: RebalanceOutcome
     policy_s: float = 0.0
-    balancedness_before: float = 1.0
-    balancedness_after: float = 1.0
     bytes_staged: int = 0
     stage_s: list[float] = field(default_factory=list)
 
@@ -113,25 +104,22 @@ class TransferWorker:
         load = self._all_reduce(local.to(torch.int64).clone(), dist.ReduceOp.SUM)
         failpoint("policy", rebalance_id)
         started = time.perf_counter()
-        num_phy = old_phy2log.shape[1]
+        shape = dict(num_logical=topo.num_logical, num_ranks=topo.world_size,
+                     max_replicas=topo.num_redundant + 1)
         if topo.rank == 0:
-            phy2log, _, _ = rebalance_experts(  # topo.num_groups: decided by the engine
-                load.numpy(), num_phy, topo.num_groups, topo.num_nodes, topo.world_size,
-                old_phy2log=old_phy2log, max_replicas=topo.num_redundant + 1)
-            new = torch.as_tensor(np.asarray(phy2log), dtype=torch.int64)
+            new = torch.from_numpy(plan_rebalance(
+                load, old_phy2log, num_groups=topo.num_groups, num_nodes=topo.num_nodes,
+                **shape).maps.phy2log)
         else:
             new = torch.empty(old_phy2log.shape, dtype=torch.int64)
-        new = self._broadcast_from_first(new).numpy()
+        outcome = rebalance_outcome(load, old_phy2log, self._broadcast_from_first(new).numpy(),
+                                    **shape)
         policy_s = time.perf_counter() - started
-        maps = maps_from_phy2log(new, topo.num_logical, topo.num_redundant + 1)
-        layers = [int(layer) for layer in np.nonzero((new != old_phy2log).any(axis=1))[0]]
         logger.info("rank %d rebalance %d: %d of %d layers change (policy %.1f ms)",
-                    topo.rank, rebalance_id, len(layers), new.shape[0], policy_s * 1e3)
-        return RebalancePlan(
-            rebalance_id=rebalance_id, old_phy2log=old_phy2log, maps=maps, layers=layers,
-            policy_s=policy_s,
-            balancedness_before=mean_balancedness(load, old_phy2log, topo.world_size),
-            balancedness_after=mean_balancedness(load, new, topo.world_size))
+                    topo.rank, rebalance_id, len(outcome.layers), old_phy2log.shape[0],
+                    policy_s * 1e3)
+        return RebalancePlan(rebalance_id=rebalance_id, old_phy2log=old_phy2log,
+                             outcome=outcome, policy_s=policy_s)
 
     # -- staging --------------------------------------------------------------------------
 
@@ -151,7 +139,7 @@ class TransferWorker:
             begin, end = (torch.cuda.Event(enable_timing=True) for _ in range(2))
             begin.record(self.stream)
         metadata = move_to_buffer(
-            self.num_local, plan.old_phy2log[layer], plan.maps.phy2log[layer],
+            self.num_local, plan.old_phy2log[layer], plan.outcome.maps.phy2log[layer],
             self.weights[layer], self.buffers[slot], self.stream, self.group,
             communicator=self.communicator, layer=layer,
             ranks_per_node=self.topology.ranks_per_node,

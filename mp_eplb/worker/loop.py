@@ -157,13 +157,14 @@ def _rebalance(worker: TransferWorker, inbox: _Inbox, events: StreamEvents, msg:
     rid = msg.rebalance_id
     events.wait_load()
     plan = worker.plan(rid, unpack_int64(msg.phy2log, msg.shape))
-    inbox.link.send(Plan(rebalance_id=rid, layers=plan.layers,
-                         phy2log=pack_int64(plan.maps.phy2log),
-                         shape=list(plan.maps.phy2log.shape), policy_s=plan.policy_s,
-                         balancedness_before=plan.balancedness_before,
-                         balancedness_after=plan.balancedness_after))
+    outcome = plan.outcome
+    inbox.link.send(Plan(rebalance_id=rid, layers=outcome.layers,
+                         phy2log=pack_int64(outcome.maps.phy2log),
+                         shape=list(outcome.maps.phy2log.shape), policy_s=plan.policy_s,
+                         balancedness_before=outcome.balancedness_before,
+                         balancedness_after=outcome.balancedness_after))
     staged = 0
-    for index, layer in enumerate(plan.layers):
+    for index, layer in enumerate(outcome.layers):
         progress()
         inbox.take(None, progress)
         deadline = time.monotonic() + layer_timeout_s

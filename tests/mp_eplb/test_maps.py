@@ -33,7 +33,7 @@ def test_width_defaults_to_most_replicas_and_is_enforced() -> None:
 
 
 @pytest.mark.parametrize("phy2log,needle", [
-    (np.array([0, 1]), "must be 2-D"),
+    (np.array([0, 1]), r"must have shape \(any, any\), got \(2,\)"),
     (np.array([[0.0, 1.0]]), "must hold integer expert ids"),
     (np.array([[0, 5]]), r"phy2log\[0, 1\] = 5 is not a logical expert id"),
     (np.array([[0, -2]]), r"phy2log\[0, 1\] = -2"),

@@ -54,7 +54,7 @@ def _state(weights=None, **kwargs) -> EplbState:
     (dict(num_logical_experts=5), r"6 physical slots, but num_logical_experts=5 \+ "
                                   r"EplbConfig.num_redundant_experts=2 = 7"),
     (dict(initial_phy2log=np.zeros((2, 6), dtype=np.int64)), "no slot for logical expert 1"),
-    (dict(initial_phy2log=np.tile(np.arange(6) % 4, (3, 1))), r"expected \(2, 6\)"),
+    (dict(initial_phy2log=np.tile(np.arange(6) % 4, (3, 1))), r"initial_phy2log must have shape \(2, 6\), got \(3, 6\)"),
     (dict(config=EplbConfig(num_redundant_experts=2, ranks_per_node=4)),
      "ranks_per_node=4 must divide world_size=1"),
     (dict(config=EplbConfig(mode="sync", num_redundant_experts=2)),

@@ -262,7 +262,7 @@ BAD_ARGS = {
                             "same first dimension"),
     "map shape": (dict(old=np.zeros(5, np.int64)), r"old_indices must have shape \(4,\)"),
     "map 2-D": (dict(new=np.zeros((2, 2), np.int64)), r"new_indices must have shape \(4,\)"),
-    "id below -1": (dict(old=np.array([0, 1, -2, 3])), "holds id -2"),
+    "id below -1": (dict(old=np.array([0, 1, -2, 3])), r"old_indices\[2\] = -2 is not a logical expert id >= 0 nor -1"),
     "float ids": (dict(new=np.zeros(4)), "must hold integer expert ids"),
     "unheld expert": (dict(new=np.array([0, 1, 2, 17])), r"experts \[17\] are in the new map"),
     "num_local mismatch": (dict(num_local=3), "num_local_experts is 3"),
