@@ -397,8 +397,8 @@ def inject_wrong_key(endpoint: str, frames: int = WRONG_KEY_FRAMES) -> int:
     try:
         sock.connect(endpoint)
         for seq in range(1, frames + 1):
-            sock.send(codec.encode(RebalanceDone(rebalance_id=10**6 + seq, layers_staged=0,
-                                                 bytes_staged=0, stage_s=0.0, aborted=False),
+            sock.send(codec.encode(RebalanceDone(rebalance_id=10**6 + seq, bytes_staged=0,
+                                                 stage_s=0.0),
                                    10**9 + seq))
         for _ in range(2):
             sock.send(os.urandom(MAC_BYTES + 64))

@@ -26,7 +26,9 @@ __all__ = [
 #: Version of this application protocol, exchanged in ``ipc.schema.Hello``. 2: ``Setup`` lost
 #: ``progress`` (the counter is inherited at spawn, see :mod:`mp_eplb.worker.boot`); ``Plan``
 #: carries the policy's balancedness before/after. 3: ``LayerReady`` lost ``metadata`` (the
-#: engine derives it from the two maps).
+#: engine derives it from the two maps); unread fields dropped (``BufferFree.layer/committed``,
+#: ``RebalanceDone.layers_staged/aborted``, ``WorkerError.rebalance_id``);
+#: ``Setup.collective_timeout_s`` renamed ``layer_timeout_s``, what it carries.
 PROTOCOL_VERSION = 3
 
 
@@ -73,6 +75,9 @@ class Setup:
     ``events``: interprocess CUDA event handles: ``events[0]`` is recorded by the engine when
     it asks for a rebalance (the load window is complete up to then), ``events[1 + slot]``
     after its last read of staging buffer ``slot``. Empty on CPU.
+    ``layer_timeout_s``: ``EplbConfig.layer_timeout_s``, the worker's bound on waiting for a
+    free staging buffer, and the timeout of its process group's collectives (and of the
+    declared waits of its start: CUDA context creation, rendezvous).
     """
 
     topology: WorkerTopology
@@ -83,7 +88,7 @@ class Setup:
     buffers: list[list[dict[str, Any]]]
     load_total: dict[str, Any]
     events: list[dict[str, Any]]
-    collective_timeout_s: float
+    layer_timeout_s: float
 
 
 @message("eplb.setup_done")
@@ -142,13 +147,10 @@ class LayerReady:
 @message("eplb.free")
 @dataclass(frozen=True)
 class BufferFree:
-    """The engine is done with ``slot`` (its event is recorded after the last read);
-    ``committed`` says whether the layer in it was applied."""
+    """The engine is done with ``slot`` (its event is recorded after the last read)."""
 
     rebalance_id: int
     slot: int
-    layer: int
-    committed: bool
 
 
 @message("eplb.abort")
@@ -163,13 +165,12 @@ class Abort:
 @message("eplb.done")
 @dataclass(frozen=True)
 class RebalanceDone:
-    """The worker has finished (or stopped) ``rebalance_id``; figures for the engine's stats."""
+    """The worker has finished (or stopped) ``rebalance_id``; figures for the engine's record:
+    bytes of this rank's rows it staged and the time staging took."""
 
     rebalance_id: int
-    layers_staged: int
     bytes_staged: int
     stage_s: float
-    aborted: bool
 
 
 #: ``WorkerError.kind`` of a worker whose collective with the peer workers failed (a peer
@@ -183,6 +184,5 @@ class WorkerError:
     """The worker hit an exception; it sends this before it exits. ``kind``: the exception's
     type name, or :data:`PEER_FAILED_KIND`."""
 
-    rebalance_id: int
     kind: str
     detail: str

@@ -331,7 +331,7 @@ class ProcessBackend(WorkerBackend):
             buffers=[[handles.export_tensor(t) for t in slot] for slot in self.buffers],
             load_total=handles.export_tensor(self.load_total),
             events=[e.export() for e in self.events],
-            collective_timeout_s=float(s.config.layer_timeout_s))
+            layer_timeout_s=float(s.config.layer_timeout_s))
 
     # -- running --------------------------------------------------------------------------
 
@@ -446,7 +446,7 @@ class ThreadBackend(WorkerBackend):
         except BaseException as err:  # reported to the engine, which abandons the rebalance
             self._error = err
             logger.error("transfer thread failed:\n%s", traceback.format_exc())
-            link.send(WorkerError(rebalance_id=-1, kind=type(err).__name__, detail=str(err)))
+            link.send(WorkerError(kind=type(err).__name__, detail=str(err)))
 
     def send(self, msg: Any) -> None:
         self._link.send(msg)

@@ -824,8 +824,7 @@ class EplbState:
                          new, self.rank)
         self._switch_maps(layer, flight.rows.pop(layer))
         self._backend.release_slot(msg.slot)
-        self._backend.send(BufferFree(rebalance_id=flight.record.rebalance_id, slot=msg.slot,
-                                      layer=layer, committed=True))
+        self._backend.send(BufferFree(rebalance_id=flight.record.rebalance_id, slot=msg.slot))
         flight.record.layers_committed.append(layer)
         flight.record.commit_steps.append(self.step_count)
         flight.record.commit_s.append(time.perf_counter() - t0)

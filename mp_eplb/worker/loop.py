@@ -163,7 +163,6 @@ def _rebalance(worker: TransferWorker, inbox: _Inbox, events: StreamEvents, msg:
                          shape=list(outcome.maps.phy2log.shape), policy_s=plan.policy_s,
                          balancedness_before=outcome.balancedness_before,
                          balancedness_after=outcome.balancedness_after))
-    staged = 0
     for index, layer in enumerate(outcome.layers):
         progress()
         inbox.take(None, progress)
@@ -184,10 +183,8 @@ def _rebalance(worker: TransferWorker, inbox: _Inbox, events: StreamEvents, msg:
         inbox.link.send(LayerReady(rebalance_id=rid, index=index, layer=layer, slot=slot,
                                    sent_at=time.monotonic()))
         failpoint("ready", rid)
-        staged += 1
-    inbox.link.send(RebalanceDone(rebalance_id=rid, layers_staged=staged,
-                                  bytes_staged=plan.bytes_staged,
-                                  stage_s=float(sum(plan.stage_s)), aborted=inbox.stopped))
+    inbox.link.send(RebalanceDone(rebalance_id=rid, bytes_staged=plan.bytes_staged,
+                                  stage_s=float(sum(plan.stage_s))))
 
 
 def _recv_or_none(link: Link, timeout: float) -> Any | None:

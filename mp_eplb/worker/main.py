@@ -48,23 +48,23 @@ def _peer_failed(err: BaseException) -> bool:
 def _open_setup(setup: Setup, progress: ProgressCounter):
     device = torch.device(setup.device)
     if device.type == "cuda":
-        with progress.waiting(setup.collective_timeout_s):  # CUDA context creation
+        with progress.waiting(setup.layer_timeout_s):  # CUDA context creation
             torch.cuda.set_device(device)
     weights = [[handles.open_tensor(h) for h in layer] for layer in setup.weights]
     buffers = [[handles.open_tensor(h) for h in slot] for slot in setup.buffers]
     load_total = handles.open_tensor(setup.load_total)
     events = [SharedEvent.open(h) for h in setup.events]
     backend = "nccl" if setup.communicator == "nccl" else "gloo"
-    with progress.waiting(setup.collective_timeout_s):  # meets the peers, which may be slow
+    with progress.waiting(setup.layer_timeout_s):  # meets the peers, which may be slow
         dist.init_process_group(backend, init_method=setup.rendezvous, rank=setup.topology.rank,
                                 world_size=setup.topology.world_size,
-                                timeout=timedelta(seconds=setup.collective_timeout_s),
+                                timeout=timedelta(seconds=setup.layer_timeout_s),
                                 device_id=device if backend == "nccl" else None)
         worker = build_worker(topology=setup.topology, communicator=setup.communicator,
                               device=device, weights=weights, buffers=buffers,
                               load_total=load_total, group=dist.group.WORLD,
                               weight_handles=setup.weights)
-    return worker, StreamEvents(events, setup.collective_timeout_s)
+    return worker, StreamEvents(events, setup.layer_timeout_s)
 
 
 def main(info: StartInfo, progress: ProgressCounter) -> int:
@@ -81,15 +81,14 @@ def main(info: StartInfo, progress: ProgressCounter) -> int:
         worker, events = _open_setup(setup, progress)
         channel.send(SetupDone(pid=os.getpid()))
         serve(worker, channel, events, num_slots=len(setup.buffers),
-              layer_timeout_s=setup.collective_timeout_s, progress=progress.add)
+              layer_timeout_s=setup.layer_timeout_s, progress=progress.add)
         channel.send(Goodbye(reason="shutdown requested", exit_code=0))
         return 0
     except BaseException as err:
         logger.error("transfer worker failed:\n%s", traceback.format_exc())
         peer = _peer_failed(err)
         try:
-            channel.send(WorkerError(rebalance_id=-1,
-                                     kind=PEER_FAILED_KIND if peer else type(err).__name__,
+            channel.send(WorkerError(kind=PEER_FAILED_KIND if peer else type(err).__name__,
                                      detail=str(err)[:2000]))
         except IpcError:
             pass

@@ -36,6 +36,6 @@ def test_setup_carries_nested_topology_and_plain_handles() -> None:
     handle = {"kind": "shm", "name": "x", "shape": [2, 3], "nbytes": 24}
     setup = Setup(topology=topology, communicator="gloo", rendezvous="tcp://127.0.0.1:1",
                   device="cpu", weights=[[handle]], buffers=[[handle]], load_total=handle,
-                  events=[], collective_timeout_s=5.0)
+                  events=[], layer_timeout_s=5.0)
     decoded = _round_trip(setup)
     assert decoded == setup and decoded.topology.num_nodes == 1
