@@ -20,7 +20,8 @@ from ipc.schema import message
 
 __all__ = [
     "PROTOCOL_VERSION", "WorkerTopology", "Setup", "SetupDone", "Rebalance", "Plan", "LayerReady", "BufferFree", "Abort",
-    "RebalanceDone", "WorkerError", "PEER_FAILED_KIND", "pack_int64", "unpack_int64",
+    "RebalanceDone", "WorkerError", "PEER_FAILED_KIND", "PEER_FAILED_EXIT", "LOAD_EVENT",
+    "free_event", "num_events", "pack_int64", "unpack_int64",
 ]
 
 #: Version of this application protocol, exchanged in ``ipc.schema.Hello``. 2: ``Setup`` lost
@@ -174,8 +175,26 @@ class RebalanceDone:
 
 
 #: ``WorkerError.kind`` of a worker whose collective with the peer workers failed (a peer
-#: rank's worker died or hung); it exits with ``worker_boot.PEER_FAILED_EXIT``.
+#: rank's worker died or hung); it exits with :data:`PEER_FAILED_EXIT`.
 PEER_FAILED_KIND = "PeerFailed"
+#: Exit status of such a worker (1: any other error; 3: its engine is gone,
+#: ``mp_eplb.worker.boot.PARENT_GONE_EXIT``, defined there so the boot stays standard library only).
+PEER_FAILED_EXIT = 4
+
+#: Event slots of ``Setup.events``: the engine records :data:`LOAD_EVENT` when it asks for a
+#: rebalance (the load window is complete), and :func:`free_event` of a staging slot after its
+#: last read of that buffer.
+LOAD_EVENT = 0
+
+
+def free_event(slot: int) -> int:
+    """Index in ``Setup.events`` of staging buffer ``slot``'s *buffer free* event."""
+    return 1 + slot
+
+
+def num_events(num_slots: int) -> int:
+    """Length of ``Setup.events`` (on CUDA; empty on CPU) for ``num_slots`` staging buffers."""
+    return free_event(num_slots)
 
 
 @message("eplb.error")

@@ -35,7 +35,8 @@ from ipc.events import SharedEvent
 from ipc.schema import Hello, Shutdown
 from mp_eplb.config import EplbConfig
 from mp_eplb.errors import WorkerStartError
-from mp_eplb.protocol import PROTOCOL_VERSION, Setup, SetupDone, WorkerError, WorkerTopology
+from mp_eplb.protocol import (LOAD_EVENT, PROTOCOL_VERSION, Setup, SetupDone, WorkerError,
+                              WorkerTopology, free_event, num_events)
 from mp_eplb.worker.loop import QueueLink, StreamEvents, serve
 from mp_eplb.worker.logic import build_worker
 from mp_eplb.worker.boot import ProgressCounter, StartInfo
@@ -111,7 +112,8 @@ class WorkerBackend(abc.ABC):
                         for _ in range(slots)]
         self.load_total = empty((spec.num_layers, spec.num_logical), torch.int64, device)
         self.load_total.zero_()
-        self.events = [SharedEvent.create(device) for _ in range(1 + slots)] if self._cuda else []
+        self.events = ([SharedEvent.create(device) for _ in range(num_events(slots))]
+                       if self._cuda else [])
         self.progress = ProgressCounter.create()
         self._forget_progress()
 
@@ -180,15 +182,16 @@ class WorkerBackend(abc.ABC):
         """A new worker starts: its silence counts from now."""
         self._progress_seen = (-1, time.monotonic())
 
-    # GPU ordering: events[0] after the load window is written, events[1 + slot] after the
-    # engine's last read of a staging buffer. Recorded on the engine's current stream.
+    # GPU ordering (slots as protocol.LOAD_EVENT / protocol.free_event say): the load event
+    # after the load window is written, a slot's event after the engine's last read of its
+    # staging buffer. Recorded on the engine's current stream.
     def record_load_event(self) -> None:
         if self.events:
-            self.events[0].record(torch.cuda.current_stream(self.spec.device))
+            self.events[LOAD_EVENT].record(torch.cuda.current_stream(self.spec.device))
 
     def release_slot(self, slot: int) -> None:
         if self.events:
-            self.events[1 + slot].record(torch.cuda.current_stream(self.spec.device))
+            self.events[free_event(slot)].record(torch.cuda.current_stream(self.spec.device))
 
 
 def make_backend(spec: WorkerSpec) -> WorkerBackend:

@@ -35,13 +35,12 @@ from mp_eplb.config import EplbConfig
 from mp_eplb.errors import (EplbError, InvalidLoadError, PeerFailedError, StateClosedError,
                             WorkerFailedError)
 from mp_eplb.maps import RoutingMaps, default_phy2log, maps_from_phy2log, validate_phy2log
-from mp_eplb.protocol import (PEER_FAILED_KIND, Abort, BufferFree, LayerReady, Plan, Rebalance,
-                              RebalanceDone, WorkerError, WorkerTopology, pack_int64,
-                              unpack_int64)
+from mp_eplb.protocol import (PEER_FAILED_EXIT, PEER_FAILED_KIND, Abort, BufferFree, LayerReady,
+                              Plan, Rebalance, RebalanceDone, WorkerError, WorkerTopology,
+                              pack_int64, unpack_int64)
 from mp_eplb.placement import load_placement, save_placement
 from mp_eplb.policy import global_policy_reason, mean_balancedness, plan_rebalance
 from mp_eplb.transfer import layer_metadata, move_from_buffer, rearrange_expert_weights_inplace
-from mp_eplb.worker.boot import PEER_FAILED_EXIT
 
 __all__ = ["EplbState", "StepReport", "RebalanceRecord"]
 

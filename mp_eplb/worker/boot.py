@@ -36,12 +36,10 @@ from dataclasses import asdict, dataclass
 from mp_eplb.worker.failpoints import arm_from_env, failpoint
 
 __all__ = ["ProgressCounter", "StartInfo", "read_start_info", "main",
-           "PARENT_GONE_EXIT", "PEER_FAILED_EXIT"]
+           "PARENT_GONE_EXIT"]
 
 #: Exit code of a worker whose parent engine is gone.
 PARENT_GONE_EXIT = 3
-#: Exit code of a worker that stopped because a peer worker's collective failed.
-PEER_FAILED_EXIT = 4
 #: Seconds between parent checks (backs up PR_SET_PDEATHSIG).
 PARENT_CHECK_S = 0.2
 _PR_SET_PDEATHSIG = 1

@@ -19,8 +19,8 @@ import torch
 from ipc.errors import IpcTimeoutError
 from ipc.schema import Shutdown
 from mp_eplb.worker.failpoints import failpoint
-from mp_eplb.protocol import (Abort, BufferFree, LayerReady, Plan, Rebalance, RebalanceDone,
-                              pack_int64, unpack_int64)
+from mp_eplb.protocol import (LOAD_EVENT, Abort, BufferFree, LayerReady, Plan, Rebalance,
+                              RebalanceDone, free_event, pack_int64, unpack_int64)
 from mp_eplb.worker.logic import TransferWorker
 
 __all__ = ["Link", "QueueLink", "StreamEvents", "serve"]
@@ -71,8 +71,9 @@ class QueueLink:
 class StreamEvents:
     """GPU ordering between the engine's stream and the worker's.
 
-    ``events[0]`` (``ipc.events.SharedEvent``): recorded by the engine when it asks for a
-    rebalance; ``events[1 + slot]``: recorded after its last read of staging buffer ``slot``.
+    ``events`` (``ipc.events.SharedEvent``, laid out as :mod:`mp_eplb.protocol` says):
+    :data:`~mp_eplb.protocol.LOAD_EVENT` is recorded by the engine when it asks for a
+    rebalance, :func:`~mp_eplb.protocol.free_event` of a slot after its last read of that buffer.
     An empty list (CPU) makes every wait a no-op.
     """
 
@@ -85,12 +86,12 @@ class StreamEvents:
         on the GPU: the load window is complete and its last weight writes have landed, so
         once every worker has passed the following collective, peers' rows are safe to read."""
         if self._events:
-            self._events[0].synchronize(self._timeout_s)
+            self._events[LOAD_EVENT].synchronize(self._timeout_s)
 
     def wait_free(self, slot: int, stream: torch.cuda.Stream | None) -> None:
         """Order ``stream`` after the engine's last read of ``slot`` (no host wait)."""
         if self._events:
-            self._events[1 + slot].wait(stream)
+            self._events[free_event(slot)].wait(stream)
 
 
 def serve(worker: TransferWorker, link: Link, events: StreamEvents, *,

@@ -25,10 +25,11 @@ from ipc.events import SharedEvent
 from ipc.schema import Goodbye, Hello
 from mp_eplb import logs
 from mp_eplb.worker.failpoints import failpoint
-from mp_eplb.protocol import PEER_FAILED_KIND, PROTOCOL_VERSION, Setup, SetupDone, WorkerError
+from mp_eplb.protocol import (PEER_FAILED_EXIT, PEER_FAILED_KIND, PROTOCOL_VERSION, Setup,
+                              SetupDone, WorkerError)
 from mp_eplb.worker.loop import StreamEvents, serve
 from mp_eplb.worker.logic import build_worker
-from mp_eplb.worker.boot import PEER_FAILED_EXIT, ProgressCounter, StartInfo
+from mp_eplb.worker.boot import ProgressCounter, StartInfo
 
 __all__ = ["main"]
 
