@@ -45,8 +45,8 @@ def _make_weights(rank: int, world: int, phy2log: np.ndarray,
     return layers
 
 
-def _check_rank(state: EplbState, world: int) -> None:
-    """Rows match the maps here, and every rank holds the same maps."""
+def _check_rank(state: EplbState, world: int, group: dist.ProcessGroup | None = None) -> None:
+    """Rows match the maps here, and every rank (of ``group``) holds the same maps."""
     p2l = state.physical_to_logical_map.cpu().numpy()
     local = state.num_local
     for layer in range(NUM_LAYERS):
@@ -59,7 +59,7 @@ def _check_rank(state: EplbState, world: int) -> None:
                                      f"experts {ids[bad].tolist()} (step {state.step_count})")
     mine = state.physical_to_logical_map.cpu()
     gathered = [torch.zeros_like(mine) for _ in range(world)]
-    dist.all_gather(gathered, mine)
+    dist.all_gather(gathered, mine, group=group)
     for other in gathered:
         assert torch.equal(other, mine), "ranks' maps differ"
 
@@ -135,6 +135,34 @@ def _count_transfer_calls() -> dict:
 def test_rebalances_keep_every_layer_consistent(world: int, redundant: int, mode: str) -> None:
     results = run_distributed(_run_rebalances, world, mode, redundant, 40, timeout_s=200)
     _check_results(results, mode)
+
+
+def _run_thread_mode_on_ranks_1_and_2(rank: int, world: int) -> int:
+    """Thread mode with an EP group of global ranks 1 and 2 (rank 0 serves no experts): the
+    transfer threads' own group must be made over those ranks, not global ranks 0..1."""
+    ep_group = dist.new_group([1, 2])
+    if rank == 0:
+        return 0
+    ep_rank, redundant = rank - 1, 4
+    initial = np.tile(np.arange(NUM_LOGICAL + redundant) % NUM_LOGICAL, (NUM_LAYERS, 1))
+    config = EplbConfig(mode="thread", window_size=4, step_interval=6,
+                        num_redundant_experts=redundant, layer_timeout_s=60)
+    with EplbState(_make_weights(ep_rank, 2, initial), rank=ep_rank, world_size=2,
+                   num_logical_experts=NUM_LOGICAL, num_groups=2, config=config,
+                   cpu_group=ep_group) as state:
+        step = 0
+        while _completed(state) < 1 or state.rebalance_active:
+            load = skewed_load(state.physical_to_logical_map.cpu().numpy(), step, ep_rank)
+            state.step(torch.as_tensor(load))
+            _check_rank(state, 2, ep_group)
+            step += 1
+            assert step < MAX_STEPS, f"no rebalance completed within {MAX_STEPS} steps"
+        return sum(len(r.layers_committed) for r in state.history)
+
+
+def test_thread_mode_on_an_ep_group_that_is_not_global_ranks_0_to_n() -> None:
+    committed = run_distributed(_run_thread_mode_on_ranks_1_and_2, 3, timeout_s=200)
+    assert committed[0] == 0 and committed[1] == committed[2] > 0
 
 
 @pytest.mark.gpu
