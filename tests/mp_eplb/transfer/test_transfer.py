@@ -438,7 +438,8 @@ def _check_errors(rank: int, world: int, group: dist.ProcessGroup) -> None:
     if rank == 0:
         bad_new[0, 0] = -5
     expectations = [
-        (dict(new=bad_new), r"new_indices\[0\] = -5 is not a logical expert id" if rank == 0 else r"ranks \[0\] rejected"),
+        (dict(new=bad_new),
+         r"new_indices\[0\] = -5 is not a logical expert id" if rank == 0 else r"ranks \[0\] rejected"),
         (dict(weights=weights[:1]), "expert_weights has 1 layers but the maps have 2"),
         (dict(new=new[:, :-1]), "old map .* and new map .* must have the same"),
         (dict(old=np.zeros((2, 2 * world + 1), np.int64), new=np.zeros((2, 2 * world + 1),
