@@ -10,8 +10,8 @@ import time
 
 import torch
 
-from ipc import handles
-from ipc.channel import PRIVATE_DIR_PREFIX, sweep_stale_dirs
+from ipc import handles, naming
+from ipc.channel import sweep_stale_dirs
 from mp_eplb.state import EplbState
 
 __all__ = ["exited", "fd_count", "gpu_free_mib", "live_worker_pid", "named_leftovers",
@@ -61,7 +61,7 @@ def named_leftovers(pid: int) -> list[str]:
     there; torch unlinks its own files at once) and its private socket directories."""
     shm = [os.path.join(handles.SHM_DIR, n) for n in os.listdir(handles.SHM_DIR) if f"_{pid}_" in n]
     dirs = [path for base in sorted({tempfile.gettempdir(), "/tmp"})
-            for path in glob.glob(os.path.join(base, f"{PRIVATE_DIR_PREFIX}{pid}-*"))]
+            for path in glob.glob(os.path.join(base, f"{naming.private_dir_prefix()}{pid}-*"))]
     return sorted(shm + dirs)
 
 
@@ -100,6 +100,6 @@ def sweep_dead_owner(info: dict | None) -> tuple[str, list[str]]:
     (:func:`ipc.channel.sweep_stale_dirs`): (what was swept, what its pid still names after)."""
     if info is None:
         return "none", []
-    prefix = f"{PRIVATE_DIR_PREFIX}{info['pid']}-"
+    prefix = f"{naming.private_dir_prefix()}{info['pid']}-"
     swept = [p for p in sweep_stale_dirs() if os.path.basename(p).startswith(prefix)]
     return (f"{len(swept)} socket dir" if swept else "none"), named_leftovers(info["pid"])
