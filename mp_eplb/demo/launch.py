@@ -47,6 +47,7 @@ __all__ = [
     "build_model",
     "config_from_args",
     "init_rank_groups",
+    "join_rank_env",
     "make_balancer",
     "run_demo",
     "run_ranks",
@@ -228,6 +229,17 @@ def init_rank_groups(rank: int, world_size: int, device: torch.device,
     return dist.group.WORLD, dist.new_group(backend="gloo", timeout=timeout)
 
 
+def join_rank_env(rank: int, world_size: int, device: str, timeout_s: float) -> RankEnv:
+    """In a rank process of :func:`mp_eplb.ranks.launch_ranks`: take this rank's device
+    (``cuda:<rank>``, or the CPU with one torch thread, as a rank has one device) and join the
+    engine group (:func:`init_rank_groups`)."""
+    dev = torch.device(f"cuda:{rank}" if device == "cuda" else "cpu")
+    if dev.type == "cpu":
+        torch.set_num_threads(1)
+    ep_group, cpu_group = init_rank_groups(rank, world_size, dev, timeout_s)
+    return RankEnv(rank, world_size, dev, ep_group, cpu_group)
+
+
 def build_model(args: argparse.Namespace, env: RankEnv) -> DriftingModel:
     """This rank's shard of the model ``args`` describe (with its drift workload)."""
     return DriftingModel(config_from_args(args), drift_swaps=args.drift_swaps,
@@ -310,11 +322,7 @@ def _rank_entry(rank: int, world_size: int, spec: _SpawnSpec, target: RankTarget
                 arg: object) -> Any:
     """Spawned rank ``rank``: join the engine group, return ``target(env, arg)``."""
     logs.configure(f"rank{rank}", default=logging.WARNING if spec.quiet else logging.INFO)
-    device = torch.device(f"cuda:{rank}" if spec.device == "cuda" else "cpu")
-    if device.type == "cpu":
-        torch.set_num_threads(1)  # one core per rank, as a rank has one device
-    ep_group, cpu_group = init_rank_groups(rank, world_size, device, spec.collective_timeout_s)
-    return target(RankEnv(rank, world_size, device, ep_group, cpu_group), arg)
+    return target(join_rank_env(rank, world_size, spec.device, spec.collective_timeout_s), arg)
 
 
 def spawn_ranks(target: RankTarget, arg: object, *, world_size: int, device: str = "cpu",

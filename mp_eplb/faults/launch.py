@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 
 from mp_eplb import logs, ranks
-from mp_eplb.demo.launch import init_rank_groups
+from mp_eplb.demo.launch import join_rank_env
 from mp_eplb.faults.probes import named_leftovers
 from mp_eplb.faults.scenarios import FaultOptions, Scenario
 from mp_eplb.progress import announce
@@ -79,11 +79,9 @@ def _rank_entry(rank: int, world_size: int, spec: RunSpec) -> dict:
     os.dup2(log, 2)
     os.close(log)
     logs.configure(f"rank{rank}", default=logging.WARNING)
-    device = torch.device(f"cuda:{rank}" if spec.options.device == "cuda" else "cpu")
-    if device.type == "cpu":
-        torch.set_num_threads(1)
-    ep_group, cpu_group = init_rank_groups(rank, world_size, device, spec.options.timeout_s / 4)
-    return spec.job(RankContext(rank, world_size, device, ep_group, cpu_group, spec))
+    env = join_rank_env(rank, world_size, spec.options.device, spec.options.timeout_s / 4)
+    return spec.job(RankContext(env.rank, env.world_size, env.device, env.ep_group,
+                                env.cpu_group, spec))
 
 
 def launch(spec: RunSpec) -> Outcome:

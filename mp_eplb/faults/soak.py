@@ -1,5 +1,5 @@
 """Soak: many rebalances with injected worker faults, and each rank's resources at the start
-and the end (``tests/mp_eplb/test_soak.py``)."""
+and the end (``tests/mp_eplb/faults/test_soak.py``)."""
 
 from __future__ import annotations
 
