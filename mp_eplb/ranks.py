@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import os
+import pickle
 import socket
 import sys
 import time
@@ -103,7 +104,12 @@ def _rank_main(rank: int, world_size: int, port: int, conn: Connection,
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
-    conn.send(reply)
+    try:
+        conn.send(reply)
+    except (pickle.PicklingError, TypeError, AttributeError) as exc:
+        reply = ("error", f"{type(exc).__name__}: the rank's result cannot be pickled ({exc}); "
+                 "return plain data", traceback.format_exc())
+        conn.send(reply)
     conn.close()
     if reply[0] == "error":
         sys.exit(1)

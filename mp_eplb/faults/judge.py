@@ -29,6 +29,8 @@ def injections(log_path: str) -> dict[int, float]:
 
 def evaluate(sc: Scenario, observed: list[dict], fired: dict[int, float],
               options: FaultOptions) -> ScenarioResult:
+    """One batch scenario's row from every rank's observations (``fired``: failpoint
+    firings by rebalance id)."""
     skipped = next((o["skipped"] for o in observed if "skipped" in o), None)
     if skipped:
         return ScenarioResult(sc.name, sc.expect, "not run", None, None, False, False, "?",
@@ -113,6 +115,8 @@ def _leftover_text(observed: list[dict]) -> str:
 
 
 def evaluate_parent_kill(sc: Scenario, run: Outcome, options: FaultOptions) -> ScenarioResult:
+    """The parent-kill row: the victim's worker gone within 1 s, the survivor shut
+    down cleanly, nothing of the victim left by name once swept."""
     victim = options.ranks - 1
     errors = {r: e for r, e in run.errors.items() if r != victim}
     errors.update({r: f"left after exit {names[:3]}" for r, names in run.segments_left.items()})

@@ -28,6 +28,7 @@ def proc_state(pid: int) -> str | None:
 
 
 def exited(pid: int) -> bool:
+    """Process ``pid`` is gone or a zombie."""
     return proc_state(pid) in (None, "Z")
 
 
@@ -66,6 +67,7 @@ def named_leftovers(pid: int) -> list[str]:
 
 
 def fd_count() -> int:
+    """Open file descriptors of this process."""
     return len(os.listdir("/proc/self/fd"))
 
 
@@ -88,6 +90,7 @@ def gpu_free_mib(device: torch.device) -> float | None:
 
 
 def wait_exit(pid: int, limit_s: float, t0: float) -> float | None:
+    """Seconds from ``t0`` (monotonic) until ``pid`` exited; None if not within ``limit_s``."""
     while time.monotonic() - t0 < limit_s:
         if exited(pid):
             return time.monotonic() - t0

@@ -77,10 +77,12 @@ class FrameProxy:
             self.injected_at = None
 
     def disarm(self) -> None:
+        """Pass every frame unchanged from now on."""
         with self._lock:
             self._fault = None
 
     def stop(self) -> None:
+        """Stop the thread, close the sockets, remove the socket directory (idempotent)."""
         if self._stopping.is_set():
             return
         self._stopping.set()
@@ -92,6 +94,7 @@ class FrameProxy:
 
     @property
     def socket_path(self) -> str:
+        """The file of the proxy's socket (a leftover once stopped)."""
         return self.endpoint.removeprefix("ipc://")
 
     def _run(self) -> None:
@@ -200,14 +203,17 @@ class ChannelTracker:
 
     @property
     def proxy(self) -> FrameProxy | None:
+        """The proxy of the last channel bound, if any."""
         return self.proxies[-1][1] if self.proxies else None
 
     def stop_closed(self) -> None:
+        """Stop the proxies of channels that were closed."""
         for channel, front in self.proxies:
             if channel.closed:
                 front.stop()
 
     def stats(self) -> dict[str, int]:
+        """Drop and traffic counters summed over every channel bound."""
         total: dict[str, int] = {}
         for channel, _ in self.channels:
             for key, value in channel.stats.items():
@@ -215,6 +221,7 @@ class ChannelTracker:
         return total
 
     def stale_sockets(self) -> list[str]:
+        """Socket files of closed channels and their proxies still on disk."""
         self.stop_closed()
         paths = [endpoint.removeprefix("ipc://") for channel, endpoint in self.channels
                  if channel.closed and endpoint.startswith("ipc://")]
@@ -222,6 +229,7 @@ class ChannelTracker:
         return [p for p in paths if os.path.exists(p)]
 
     def close(self) -> None:
+        """Stop every proxy and restore ``backends.Channel``."""
         for _, front in self.proxies:
             front.stop()
         backends.Channel = self._original

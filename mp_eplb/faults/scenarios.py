@@ -123,6 +123,7 @@ def schedule(items: Sequence[Scenario]) -> list[tuple[Scenario, int]]:
 
 
 def detection_bound(sc: Scenario, options: FaultOptions) -> float:
+    """Seconds within which every rank must know of ``sc``'s fault."""
     extra = {"kill": 0.0, "hang": options.heartbeat_timeout_s,
              "timeout": options.layer_timeout_s}[sc.bound]
     return extra + options.detect_bound_s

@@ -79,6 +79,7 @@ class Driver:
         self.violations: list[str] = []
 
     def step(self) -> Any:
+        """One engine step under :func:`synthetic_load`, then the row check; its report."""
         state = self.state
         load = synthetic_load(state.physical_to_logical_map.cpu().numpy(), self.ctx.world_size)
         report = state.step(torch.as_tensor(load, device=state.device))

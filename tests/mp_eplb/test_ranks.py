@@ -27,6 +27,10 @@ def _fail_on_one(rank: int, world_size: int) -> int:
     return rank
 
 
+def _unpicklable(rank: int, world_size: int) -> object:
+    return lambda: rank
+
+
 def _exit_or_hang(rank: int, world_size: int) -> None:
     if rank == 0:
         os._exit(3)
@@ -52,6 +56,13 @@ def test_a_rank_error_comes_back_typed_with_its_traceback() -> None:
         ranks.launch_ranks(_fail_on_one, 2, timeout_s=45).values()
     assert list(err.value.errors) == [1]
     assert "in _fail_on_one" in err.value.tracebacks[1]
+
+
+@pytest.mark.timeout(60)
+def test_a_result_that_cannot_travel_is_an_error_of_its_rank() -> None:
+    run = ranks.launch_ranks(_unpicklable, 1, timeout_s=45)
+    assert "the rank's result cannot be pickled" in run.errors[0]
+    assert run.exitcodes[0] == 1
 
 
 @pytest.mark.timeout(60)
