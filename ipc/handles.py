@@ -127,6 +127,8 @@ class _Segment:
     fd: int = -1
     path: str = ""
     keep: torch.UntypedStorage | None = None
+    #: Registrations not yet released (one per ``shared_empty`` / ``share_storage`` call).
+    refs: int = 1
 
     @property
     def key(self) -> tuple[str, int, int]:
@@ -342,7 +344,10 @@ _NOT_EXPORTABLE = (
 
 def share_storage(t: torch.Tensor) -> bool:
     """Make the memory under ``t`` exportable by :func:`export_tensor` (for ``t`` and every view of
-    it); returns False when it already was (nothing changes then), True when this call registered it.
+    it); returns True when this call registered its segment, False when it joined the segment
+    already registered (nothing moves then). Either way the call holds one reference, which one
+    :func:`release` gives back: two owners sharing one storage or allocation (two states, two
+    weights of one Parameter) each release theirs, and the segment stays exportable until the last.
 
     CUDA: nothing moves. The driver allocation holding ``t`` (any block of torch's caching allocator)
     is registered as a segment; its IPC handle covers the whole allocation and a handle carries the
@@ -355,7 +360,10 @@ def share_storage(t: torch.Tensor) -> bool:
     :func:`release`.
     """
     storage = _storage_of(t)
-    if _registered(t, storage) is not None:
+    segment = _registered(t, storage)
+    if segment is not None:
+        with _lock:
+            segment.refs += 1
         return False
     if storage.nbytes() == 0 or not storage.data_ptr():
         raise HandleError("an empty tensor has no memory to share")
@@ -668,8 +676,8 @@ def open_tensor(handle: Mapping[str, Any], expect: TensorSpec | Mapping[str, Any
 
 
 def release(t: torch.Tensor) -> None:
-    """End the registration of the segment holding ``t`` (a tensor of :func:`shared_empty` or
-    :func:`share_storage`, or a view).
+    """Give back one reference to the segment holding ``t`` (a tensor of :func:`shared_empty` or
+    :func:`share_storage`, or a view); the registration ends with the last reference.
 
     The handle can no longer be exported or opened from then on (a CPU segment's owner descriptor is
     closed at once; a CUDA allocation of :func:`shared_empty` is freed once this process's last view of
@@ -677,7 +685,12 @@ def release(t: torch.Tensor) -> None:
     closed the segment (the protocol's job): CUDA does not promise that memory freed by its owner stays
     valid in a process that still maps it.
     """
-    _forget(_owned_segment_of(t))
+    segment = _owned_segment_of(t)
+    with _lock:
+        segment.refs -= 1
+        last = segment.refs == 0
+    if last:
+        _forget(segment)
 
 
 def _forget(segment: _Segment) -> None:

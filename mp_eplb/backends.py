@@ -171,8 +171,8 @@ class ProcessBackend(WorkerBackend):
         self._shared_weights: list[torch.Tensor] = []
         try:
             for t in (t for layer in state.expert_weights for t in layer):
-                if handles.share_storage(t):
-                    self._shared_weights.append(t)
+                handles.share_storage(t)  # one reference each, given back at close
+                self._shared_weights.append(t)
         except BaseException:
             for t in self._shared_weights:
                 handles.release(t)

@@ -9,8 +9,10 @@ whole rearrangement in one blocking call.
 
 Commit protocol (invariants 1 and 2): while a rebalance is in flight, every rank contributes
 ``[layers staged here, plan received here, no local failure]`` to one MIN all-reduce of three
-int64 on the engine's CPU group per step; all ranks then commit the same layers, or abandon
-the rebalance together. Outside a rebalance there is no collective at all.
+int64 on the engine's CPU group per step. It is pipelined: issued asynchronously at step S and
+its result acted on at step S+1, so the host does not wait for the peers in steady state; all
+ranks act on the same result at the same step, so they commit the same layers, or abandon the
+rebalance together. Outside a rebalance there is no collective at all.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from datetime import timedelta
 
 import numpy as np
 import torch
@@ -66,8 +69,9 @@ class StepReport:
 class RebalanceRecord:
     """History of one rebalance (times in seconds; ``started_at``/``ended_at`` on the
     ``perf_counter`` clock). Per committed layer: ``commit_s`` (host time of
-    ``move_from_buffer`` + maps), ``commit_steps``; per step in flight: ``agreement_s``; per
-    staged layer: ``ready_latency_s`` (worker send -> engine receipt).
+    ``move_from_buffer`` + maps), ``commit_steps``; per step in flight: ``agreement_s`` (host time
+    of waiting for the previous step's agreement and issuing this step's); per staged layer:
+    ``ready_latency_s`` (worker send -> engine receipt).
     ``balancedness_before``/``_after``: mean over layers of mean / max tokens per rank on the
     load window the policy read, under the old and the new placement (``None`` until planned).
     ``bytes_staged``: bytes of the rows this rank received (process/thread: as the worker
@@ -107,10 +111,12 @@ class _InFlight:
     maps: RoutingMaps | None = None
     ready: list[LayerReady] = field(default_factory=list)
     metadata: list[TransferMetadata] = field(default_factory=list)
-    rows: dict[int, tuple[torch.Tensor, ...]] = field(default_factory=dict)
+    rows: dict[int, torch.Tensor] = field(default_factory=dict)
     committed: int = 0
     last_progress: float = field(default_factory=time.monotonic)
     failure: str = ""
+    #: The agreement issued at the previous step: (its work, ``None`` on one rank; its tensor).
+    pending: tuple[dist.Work | None, torch.Tensor] | None = None
 
 
 class EplbState:
@@ -124,7 +130,10 @@ class EplbState:
     ``cpu_group``: a gloo group over the engine's ranks, used only for the per-step agreement
     during a rebalance and at init. ``ep_group``: the engine's device group, used by ``sync``
     mode for the transfer (defaults to ``cpu_group``).
-    The routing maps are tensors on the weights' device, updated in place at commits.
+    The routing maps (``physical_to_logical_map`` [layers, physical], ``logical_to_physical_map``
+    [layers, logical, redundant + 1], ``logical_replica_count`` [layers, logical], int64) are
+    views of one ``[layers, width]`` table on the weights' device (not contiguous), updated in
+    place at commits and never re-bound, so a CUDA graph may read them.
     """
 
     def __init__(self, expert_weights: Sequence[Sequence[torch.Tensor]], *, rank: int,
@@ -202,11 +211,17 @@ class EplbState:
                                                                start)
         maps = maps_from_phy2log(phy2log, num_logical_experts, redundant + 1)
         self._phy2log = maps.phy2log.copy()
-        self.physical_to_logical_map = torch.as_tensor(maps.phy2log, device=self.device)
-        self.logical_to_physical_map = torch.as_tensor(maps.log2phy, device=self.device)
-        self.logical_replica_count = torch.as_tensor(maps.logcnt, device=self.device)
-        self._load_index = self.physical_to_logical_map.clamp(min=0)
-        self._slot_valid = (self.physical_to_logical_map >= 0).to(torch.int64)
+        #: ``[layers, width]`` int64 on the weights' device: every map of a layer in one row, so a
+        #: layer's switch is one copy. The public maps are views of it, updated in place (never
+        #: re-bound: CUDA graphs captured on them stay valid).
+        self._maps_flat = _map_table(maps).to(self.device)
+        phy, log, cnt = (self.num_physical, num_logical_experts * (redundant + 1),
+                         num_logical_experts)
+        columns = torch.split(self._maps_flat, [phy, log, cnt, phy, phy], dim=1)
+        self.physical_to_logical_map = columns[0]
+        self.logical_to_physical_map = columns[1].unflatten(1, (num_logical_experts, redundant + 1))
+        self.logical_replica_count = columns[2]
+        self._load_index, self._slot_valid = columns[3], columns[4]
 
         self.step_count = 0
         self._closed = False
@@ -361,6 +376,12 @@ class EplbState:
         abandoned; committed layers stay. Idempotent; ``step()`` afterwards raises
         ``StateClosedError``."""
         self._closed = True
+        if self._inflight is not None:
+            try:  # a peer that stopped before issuing its part must not hang the shutdown
+                self._drain(self._inflight, timeout_s=self.config.heartbeat_timeout_s)
+            except RuntimeError as err:
+                logger.warning("rank %d: the pending commit agreement did not complete at "
+                               "shutdown: %s", self.rank, err)
         if self._backend is not None:
             self._backend.close(kill=self._health() is not None)
             self._stopping = getattr(self._backend, "stopping", None)
@@ -654,36 +675,63 @@ class EplbState:
         return True
 
     def _advance(self) -> tuple[list[int], bool]:
+        """Act on the agreement issued at the previous step (if any), then issue this step's."""
         flight = self._inflight
         assert flight is not None and self._backend is not None
         self._take_messages(flight)
         self._check_worker(flight)
         t0 = time.perf_counter()
-        staged, has_plan, ok = self._agree(flight)
-        flight.record.agreement_s.append(time.perf_counter() - t0)
-        if not ok:
-            if not flight.failure:  # a peer's, unless this worker failed since the check
-                self._fail(flight, self._health() or PeerFailedError(
-                    "a peer rank's transfer failed; this rank's worker was healthy"))
-            self._abandon(flight, flight.failure)
-            return [], True
+        decision = self._drain(flight)
+        agreement_s = time.perf_counter() - t0
         committed: list[int] = []
-        if has_plan:
-            limit = min(staged, flight.committed + self.config.layers_per_step)
-            while flight.committed < limit:
-                committed.append(self._commit(flight, flight.committed))
-                flight.committed += 1
-            if flight.committed == len(flight.plan.layers):
-                self._finish(flight)
-                return committed, True
+        if decision is not None:
+            staged, has_plan, ok = decision
+            if not ok:
+                flight.record.agreement_s.append(agreement_s)
+                if not flight.failure:  # a peer's, unless this worker failed since the check
+                    self._fail(flight, self._health() or PeerFailedError(
+                        "a peer rank's transfer failed; this rank's worker was healthy"))
+                self._abandon(flight, flight.failure)
+                return [], True
+            if has_plan:
+                limit = min(staged, flight.committed + self.config.layers_per_step)
+                while flight.committed < limit:
+                    committed.append(self._commit(flight, flight.committed))
+                    flight.committed += 1
+                if flight.committed == len(flight.plan.layers):
+                    flight.record.agreement_s.append(agreement_s)
+                    self._finish(flight)
+                    return committed, True
+        t0 = time.perf_counter()
+        self._issue_agreement(flight)
+        flight.record.agreement_s.append(agreement_s + time.perf_counter() - t0)
         return committed, False
 
-    def _agree(self, flight: _InFlight) -> tuple[int, bool, bool]:
-        """One MIN all-reduce over the engine's ranks: staged layers, plan seen, healthy."""
+    def _issue_agreement(self, flight: _InFlight) -> None:
+        """Start this step's MIN all-reduce over the engine's ranks (staged layers, plan seen,
+        healthy), acted on at the next step by :meth:`_drain`."""
         status = torch.tensor([len(flight.ready), int(flight.plan is not None),
                                int(not flight.failure)], dtype=torch.int64)
+        work = None
         if self.world_size > 1:
-            dist.all_reduce(status, op=dist.ReduceOp.MIN, group=self.cpu_group)
+            work = dist.all_reduce(status, op=dist.ReduceOp.MIN, group=self.cpu_group,
+                                   async_op=True)
+        flight.pending = (work, status)
+
+    def _drain(self, flight: _InFlight,
+               timeout_s: float | None = None) -> tuple[int, bool, bool] | None:
+        """Wait for the agreement issued at the previous step (done by now in steady state)
+        and return ``(staged, plan seen, healthy)`` over all ranks; ``None`` if none is pending.
+        Every rank issued it at the same step, so the wait ends on every rank; ``timeout_s``
+        bounds it (a ``RuntimeError`` from the process group past it)."""
+        if flight.pending is None:
+            return None
+        (work, status), flight.pending = flight.pending, None
+        if work is not None:
+            if timeout_s is None:
+                work.wait()
+            else:
+                work.wait(timeout=timedelta(seconds=timeout_s))
         staged, has_plan, ok = (int(v) for v in status.tolist())
         return staged, bool(has_plan), bool(ok)
 
@@ -788,21 +836,16 @@ class EplbState:
         flight.record.commit_s.append(time.perf_counter() - t0)
         return layer
 
-    def _map_rows(self, maps: RoutingMaps, layer: int) -> tuple[torch.Tensor, ...]:
-        """Host copies of ``layer``'s new rows of every map the engine keeps on its device
-        (pinned on CUDA, prepared when the plan arrives, so the commit's copies are async)."""
-        p2l = torch.as_tensor(maps.phy2log[layer])
-        rows = (p2l, torch.as_tensor(maps.log2phy[layer]), torch.as_tensor(maps.logcnt[layer]),
-                p2l.clamp(min=0), (p2l >= 0).to(torch.int64))
-        return tuple(r.pin_memory() for r in rows) if self.device.type == "cuda" else rows
+    def _map_rows(self, maps: RoutingMaps, layer: int) -> torch.Tensor:
+        """Host copy of ``layer``'s new row of the flat map table (pinned on CUDA, prepared
+        when the plan arrives, so the commit's copy is async)."""
+        row = _map_table(maps, layer)[0]
+        return row.pin_memory() if self.device.type == "cuda" else row
 
-    def _switch_maps(self, layer: int, rows: tuple[torch.Tensor, ...]) -> None:
-        """Switch ``layer``'s maps (queued on the current stream after its weights)."""
-        self._phy2log[layer] = rows[0].numpy()
-        for target, row in zip((self.physical_to_logical_map, self.logical_to_physical_map,
-                                self.logical_replica_count, self._load_index, self._slot_valid),
-                               rows):
-            target[layer].copy_(row, non_blocking=True)
+    def _switch_maps(self, layer: int, row: torch.Tensor) -> None:
+        """Switch ``layer``'s maps: one copy, queued on the current stream after its weights."""
+        self._phy2log[layer] = row[:self.num_physical].numpy()
+        self._maps_flat[layer].copy_(row, non_blocking=True)
 
     def _finish(self, flight: _InFlight) -> None:
         flight.record.end_step, flight.record.ended_at = self.step_count, time.perf_counter()
@@ -861,6 +904,17 @@ def _validate_weights(expert_weights: Sequence[Sequence[torch.Tensor]]) -> list[
                 raise ValueError(f"expert_weights[{index}][{i}] is not contiguous; pass "
                                  "contiguous tensors (call .contiguous() before building the state)")
     return layers
+
+
+def _map_table(maps: RoutingMaps, layer: int | None = None) -> torch.Tensor:
+    """``[layers, width]`` int64 on the CPU (``layer`` given: ``[1, width]`` of that layer): per
+    layer ``phy2log``, ``log2phy`` flattened, ``logcnt``, then the load window's index
+    (``phy2log`` clamped at 0) and slot validity (1 where a slot holds an expert)."""
+    pick = slice(None) if layer is None else slice(layer, layer + 1)
+    p2l = torch.as_tensor(maps.phy2log[pick])
+    return torch.cat([p2l, torch.as_tensor(maps.log2phy[pick]).flatten(1),
+                      torch.as_tensor(maps.logcnt[pick]), p2l.clamp(min=0),
+                      (p2l >= 0).to(torch.int64)], dim=1)
 
 
 def _is_int(value: object) -> bool:

@@ -299,18 +299,22 @@ def _copy_rows(
     dst: Sequence[torch.Tensor], src: Sequence[torch.Tensor],
     dst_rows: Sequence[int], src_rows: Sequence[int],
 ) -> None:
-    """``dst[i][d] = src[i][s]`` for each pair, runs of consecutive rows in one copy."""
+    """``dst[i][d] = src[i][s]`` for each pair of rows and every tensor pair ``i``, as one
+    batched copy (``torch._foreach_copy_``: on CUDA a few multi-tensor kernel launches for the
+    whole layer, queued on the current stream, ``non_blocking``); runs of consecutive rows are
+    merged into one view first."""
     pairs = sorted(zip(dst_rows, src_rows))
-    start = 0
-    while start < len(pairs):
-        end = start + 1
-        while (end < len(pairs) and pairs[end][0] == pairs[start][0] + end - start
-               and pairs[end][1] == pairs[start][1] + end - start):
-            end += 1
-        (d0, s0), length = pairs[start], end - start
-        for d, s in zip(dst, src):
-            d[d0 : d0 + length].copy_(s[s0 : s0 + length], non_blocking=True)
-        start = end
+    runs: list[tuple[int, int, int]] = []  # (dst start, src start, rows)
+    for d, s in pairs:
+        if runs and d == runs[-1][0] + runs[-1][2] and s == runs[-1][1] + runs[-1][2]:
+            runs[-1] = (runs[-1][0], runs[-1][1], runs[-1][2] + 1)
+        else:
+            runs.append((d, s, 1))
+    if not runs:
+        return
+    targets = [t.narrow(0, d0, n) for t in dst for d0, _, n in runs]
+    sources = [t.narrow(0, s0, n) for t in src for _, s0, n in runs]
+    torch._foreach_copy_(targets, sources, non_blocking=True)
 
 
 def _check_map(name: str, indices: np.ndarray, num_slots: int) -> None:

@@ -36,24 +36,42 @@ def markdown(data: dict) -> str:
         "",
         "## Step latency",
         "",
-        "| config | steady p50 / p99 ms | during p50 / p99 ms | p99 during / steady | "
-        "added ms per rebalance | × sync stall | × floor | steps per rebalance | measured |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| config | steady p50 / p99 ms | steady GPU p50 / p99 ms | during p50 / p99 ms | "
+        "p99 during / steady | added ms per rebalance (total) | × sync stall | × floor | "
+        "steps per rebalance | measured |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for c in ok:
         steady, during = c["steady_ms"], c["during_ms"]
         ratio = (during["p99"] / steady["p99"] if steady and during.get("p99") is not None
                  else None)
         lines.append(
-            f"| {c['name']} | {_pair(steady)} | {_pair(during)} | {_f(ratio)} | "
+            f"| {c['name']} | {_pair(steady)} | {_pair(c.get('steady_gpu_ms'))} | "
+            f"{_pair(during)} | {_f(ratio)} | "
             f"{_f(c['added_ms_per_rebalance'], '.1f')} | {_f(c.get('added_vs_sync'))} | "
             f"{_f(c.get('added_vs_floor'), '.1f')} | {_f(c['steps_per_rebalance'], '.1f')} | "
             f"{c['rebalances_measured']} |")
+    repeated = [c for c in ok if c.get("runs", 1) > 1]
+    if repeated:
+        keys = list(repeated[0]["spread"])
+        lines += ["", "## Spread over repeated runs (median [min – max])", "",
+                  "| config | runs | " + " | ".join(keys) + " |",
+                  "|---|---|" + "---|" * len(keys)]
+        for c in repeated:
+            cells = []
+            for key in keys:
+                low_high = c["spread"].get(key)
+                median = c.get(key.split(".")[0])
+                median = median.get(key.split(".")[1]) if isinstance(median, dict) else median
+                cells.append("–" if low_high is None else
+                             f"{median:.2f} [{low_high[0]:.2f} – {low_high[1]:.2f}]")
+            lines.append(f"| {c['name']} | {c['runs']} | " + " | ".join(cells) + " |")
     lines += [
         "",
         "## Transfer and engine cost per rebalance",
         "",
-        "| config | MiB per rank | transfer ms | GB/s per rank | link best GB/s | % of best | "
+        "| config | MiB per rank | transfer ms (slowest rank) | GB/s per rank | link best GB/s | "
+        "% of link best | "
         "commit ms per layer p50 / p99 (host) | ready msg ms p50 / p99 | agreement ms p50 / p99 "
         "| engine CPU ms (extra) |",
         "|---|---|---|---|---|---|---|---|---|---|",
@@ -122,8 +140,11 @@ def markdown(data: dict) -> str:
 
 
 def plot(data: dict, path: Path) -> bool:
-    """Step latency over steps, one panel per configuration, rebalance windows shaded
-    (measured ones darker). Returns False (with a warning) when matplotlib is missing."""
+    """Step latency over steps, one panel per configuration on one shared linear ms axis (the
+    first twentieth of the steps trimmed; clipped at the largest 99.5th percentile), the steady
+    p50 as a dashed line, rebalance windows shaded (measured ones orange); below, a bar chart
+    of the step time each rebalance added, per configuration. Returns False (with a warning)
+    when matplotlib is missing."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -131,24 +152,50 @@ def plot(data: dict, path: Path) -> bool:
     except ImportError:
         logger.warning("matplotlib is not installed: no plot written (pip install 'mp-eplb[bench]')")
         return False
+    import numpy as np
+
     configs = [c for c in data["configs"] if "error" not in c]
     if not configs:
         return False
-    fig, axes = plt.subplots(len(configs), 1, figsize=(11, 2.2 * len(configs)), sharex=True,
+    trim = max(1, len(configs[0]["series"]["step_ms"]) // 20)
+    top = 1.1 * max(float(np.percentile(c["series"]["step_ms"][trim:], 99.5)) for c in configs)
+    fig, axes = plt.subplots(len(configs) + 1, 1, figsize=(11, 2.2 * (len(configs) + 1)),
                              squeeze=False)
-    for ax, c in zip(axes[:, 0], configs):
+    panels = axes[:-1, 0]
+    for ax in panels[1:]:
+        ax.sharex(panels[0])
+        ax.sharey(panels[0])
+    for ax, c in zip(panels, configs):
         series = c["series"]
-        ax.plot(series["step_ms"], linewidth=0.8, color="tab:blue")
+        steps = np.arange(trim, len(series["step_ms"]))
+        ax.plot(steps, series["step_ms"][trim:], linewidth=0.8, color="tab:blue")
         for start, end, is_measured in series["windows"]:
             ax.axvspan(start - 0.5, end + 0.5, color="tab:orange" if is_measured else "0.8",
                        alpha=0.35 if is_measured else 0.5, linewidth=0)
-        ax.set_yscale("log")
         steady = c["steady_ms"]
+        if steady:
+            ax.axhline(steady["p50"], color="k", linestyle="--", linewidth=0.8)
         title = c["name"] + ("" if not steady else
                              f"  (steady p50 {steady['p50']:.2f} ms, p99 {steady['p99']:.2f} ms)")
         ax.set_title(title, fontsize=9, loc="left")
         ax.set_ylabel("step ms")
-    axes[-1, 0].set_xlabel("engine step (orange: measured rebalances; grey: others)")
+        ax.set_ylim(0, top)
+    panels[-1].set_xlabel(f"engine step from {trim} (orange: measured rebalances; grey: others; "
+                          f"dashed: steady p50; clipped at {top:.1f} ms)")
+    bars = axes[-1, 0]
+    added = {c["name"]: [a for a, w in zip(c["series"]["added_ms"], c["series"]["windows"]) if w[2]]
+             for c in configs}
+    added = {name: values for name, values in added.items() if values}
+    width = 0.8 / max(1, len(added))
+    for i, (name, values) in enumerate(added.items()):
+        bars.bar(np.arange(len(values)) + (i - (len(added) - 1) / 2) * width, values, width,
+                 label=name)
+    bars.set_xticks(range(max(map(len, added.values()), default=0)))
+    bars.set_xlabel("measured rebalance (0 = the first measured)")
+    bars.set_ylabel("added ms (total)")
+    bars.set_title("step time added per rebalance, by configuration", fontsize=9, loc="left")
+    if added:
+        bars.legend(fontsize=7, ncol=len(added))
     fig.suptitle(f"mp-eplb bench: {data['meta']['device_name']}, {data['meta']['ranks']} ranks",
                  fontsize=10)
     fig.tight_layout()

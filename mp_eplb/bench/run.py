@@ -29,12 +29,13 @@ import numpy as np
 import torch
 
 from mp_eplb.argtypes import device, positive_float, positive_int
-from mp_eplb.bench.metrics import BenchConfig, add_relative, config_metrics, goals, measured
+from mp_eplb.bench.metrics import (BenchConfig, add_relative, combine_runs, config_metrics, goals,
+                                   measured)
 from mp_eplb.bench.micro import MicroSpec, run_micro
 from mp_eplb.bench.output import markdown, plot
 from mp_eplb.demo.engine import RankResult, rebalance_report
-from mp_eplb.demo.launch import (DemoFailure, add_model_arguments, add_schedule_arguments,
-                                 config_from_args, run_ranks)
+from mp_eplb.demo.launch import (DemoFailure, add_engine_arguments, add_model_arguments,
+                                 add_schedule_arguments, config_from_args, run_ranks)
 from mp_eplb.demo.model import ConfigError, MoEConfig
 
 __all__ = ["CONFIGS", "PRESETS", "Preset", "add_bench_arguments", "config_list",
@@ -131,6 +132,10 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
                      help="directory for bench.json, bench.md and bench.png (default %(default)s)")
     run.add_argument("--seed", type=int, default=0, help="seed of weights, tokens and routing")
     run.add_argument("--repeats", type=positive_int, default=10, help="microbenchmark repeats (default 10)")
+    run.add_argument("--runs", type=positive_int, default=None,
+                     help="runs of each configuration, interleaved (all configurations once, "
+                          "then again); medians and spread are reported (default: 3 on cuda, "
+                          "1 on cpu)")
     run.add_argument("--no-micro", action="store_true", help="skip the microbenchmarks")
     run.add_argument("--rank-logs", action="store_true", help="show the rank processes' logs")
     run.add_argument("--timeout", type=positive_float, default=300.0,
@@ -139,6 +144,7 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
                      help="seconds one collective of the engine group may wait (default 120)")
     add_schedule_arguments(parser, rebalance_interval=None)
     add_model_arguments(parser, None)
+    add_engine_arguments(parser)
 
 
 def resolve_options(args: argparse.Namespace) -> argparse.Namespace:
@@ -163,6 +169,8 @@ def resolve_options(args: argparse.Namespace) -> argparse.Namespace:
         opts.token_period = preset.token_period
     if opts.steps is None:
         opts.steps = preset.quick_steps if args.quick else preset.steps
+    if opts.runs is None:
+        opts.runs = 3 if args.device == "cuda" else 1
     window = opts.window
     if opts.token_period and window % opts.token_period:
         raise ConfigError(f"--window {window} must be a multiple of --token-period "
@@ -255,9 +263,10 @@ def run_bench(args: argparse.Namespace) -> int:
     try:
         opts = resolve_options(args)
         selected = _selected(opts)
-        if opts.device == "cuda" and torch.cuda.device_count() < max(opts.ranks, 2):
-            raise ConfigError(f"--device cuda needs {max(opts.ranks, 2)} GPUs, "
-                              f"{torch.cuda.device_count()} visible")
+        gpus = opts.ranks if opts.no_micro else max(opts.ranks, 2)
+        if opts.device == "cuda" and torch.cuda.device_count() < gpus:
+            raise ConfigError(f"--device cuda needs {gpus} GPUs (the microbenchmarks 2; "
+                              f"--no-micro skips them), {torch.cuda.device_count()} visible")
     except (ConfigError, ValueError) as exc:
         print(f"mp-eplb bench: {exc}", file=sys.stderr)
         return 1
@@ -266,27 +275,33 @@ def run_bench(args: argparse.Namespace) -> int:
     started = time.monotonic()
     runs: dict[str, list[RankResult]] = {}
     reports: dict = {}
-    configs: list[dict] = []
-    for i, (config, steps) in enumerate(selected, 1):
-        print(f"[{i}/{len(selected)}] {config.name}: {steps} steps on {opts.ranks} ranks "
-              f"({time.monotonic() - started:.0f} s so far)", flush=True)
+    repeated: dict[str, list[dict]] = {config.name: [] for config, _ in selected}
+    total = len(selected) * opts.runs
+    for i, (run, (config, steps)) in enumerate(
+            ((run, item) for run in range(opts.runs) for item in selected), 1):
+        print(f"[{i}/{total}] {config.name}: {steps} steps on {opts.ranks} ranks"
+              + (f", run {run + 1} of {opts.runs}" if opts.runs > 1 else "")
+              + f" ({time.monotonic() - started:.0f} s so far)", flush=True)
         t0 = time.monotonic()
         try:
             results = _run_config(opts, config, steps)
         except (DemoFailure, ConfigError) as exc:
             print(f"    failed: {exc}", flush=True)
-            configs.append({"name": config.name, "mode": config.mode, "error": str(exc)})
+            repeated[config.name].append({"name": config.name, "mode": config.mode,
+                                          "error": str(exc)})
             continue
-        runs[config.name] = results
-        reports[config.name] = rebalance_report(results, expert_bytes=cfg.expert_bytes(),
-                                                window=window)
+        if config.name not in runs:
+            runs[config.name] = results
+            reports[config.name] = rebalance_report(results, expert_bytes=cfg.expert_bytes(),
+                                                    window=window)
         metrics = config_metrics(config, results, expert_bytes=cfg.expert_bytes(),
                                  window=window, num_redundant=cfg.num_redundant)
-        configs.append(metrics)
+        repeated[config.name].append(metrics)
         steady = metrics["steady_ms"] or {"p50": math.nan, "p99": math.nan}
         print(f"    {time.monotonic() - t0:.0f} s: steady p50/p99 {steady['p50']:.2f}/"
               f"{steady['p99']:.2f} ms, {metrics['rebalances_completed']} rebalances completed "
               f"({metrics['rebalances_measured']} measured)", flush=True)
+    configs = [combine_runs(repeated[config.name]) for config, _ in selected]
     micro, micro_error = None, None
     if not opts.no_micro:
         spec = _micro_spec(opts, cfg, runs, reports)
@@ -306,7 +321,11 @@ def run_bench(args: argparse.Namespace) -> int:
              f"steps (window {window}), drift every {opts.drift_interval} steps (offset "
              f"{opts.drift_offset}) by "
              f"{opts.drift_swaps or 'a whole redraw'} swaps, batches repeating every "
-             f"{opts.token_period or 'never'} steps, {opts.layers_per_step} layer(s) per step")
+             f"{opts.token_period or 'never'} steps, {opts.layers_per_step} layer(s) per step; "
+             f"engine {opts.engine}" + (f" (capacity factor {opts.capacity_factor:g}, "
+                                        f"{'CUDA graph' if opts.cuda_graph else 'eager'})"
+                                        if opts.engine == "graph" else "")
+             + f"; {opts.runs} run(s) of each configuration, interleaved")
     data = {
         "meta": {"command": shlex.join(["mp-eplb", *sys.argv[1:]])
                  if Path(sys.argv[0]).name in ("mp-eplb", "__main__.py") else None,

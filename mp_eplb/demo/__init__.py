@@ -7,12 +7,15 @@
 from __future__ import annotations
 
 from mp_eplb.demo.engine import Balancer, BalancerReport, StaticBalancer, StepReport, run_engine
+from mp_eplb.demo.graph import GraphMoEModel, GraphOptions
 from mp_eplb.demo.launch import add_demo_arguments, make_balancer, run_demo, run_ranks
 from mp_eplb.demo.model import MoEConfig, MoEModel, VerificationError, verify_weights
 
 __all__ = [
     "Balancer",
     "BalancerReport",
+    "GraphMoEModel",
+    "GraphOptions",
     "MoEConfig",
     "MoEModel",
     "StaticBalancer",

@@ -3,7 +3,9 @@ the per-rebalance report computed from them.
 
 Each step: scheduling bookkeeping in pure Python (so GIL contention shows), one forward of
 every MoE layer through the balancer's *current* maps (read fresh every step), then
-``balancer.step(load)``, which may switch maps and weights of some layers in place.
+``balancer.step(load)``, which may switch maps and weights of some layers in place. The
+forward is :class:`~mp_eplb.demo.model.MoEModel`'s (``--engine python``) or the CUDA-graph one
+of :mod:`mp_eplb.demo.graph` (``--engine graph``).
 """
 
 from __future__ import annotations
@@ -213,7 +215,8 @@ class RankResult:
     """One rank's record of a run; plain data (``to_dict`` / ``from_dict`` for msgpack).
 
     Per step: ``step_latency_s`` (seconds, wall clock, device synchronised at the step end),
-    ``cpu_time_s`` (this process's CPU seconds over the step, all its threads),
+    ``gpu_time_s`` (seconds of the forward's GPU work between CUDA events; empty when the
+    model does not time it), ``cpu_time_s`` (this process's CPU seconds over the step, all its threads),
     ``received`` [steps][layers] token-expert pairs this rank's experts computed,
     ``logical_load`` [steps][layers][experts] this rank's tokens routed to each logical
     expert, ``rebalance_active``. ``committed``: ``[step, [layers]]`` for each step that
@@ -226,6 +229,7 @@ class RankResult:
 
     rank: int
     step_latency_s: list[float] = field(default_factory=list)
+    gpu_time_s: list[float] = field(default_factory=list)
     cpu_time_s: list[float] = field(default_factory=list)
     received: list[list[int]] = field(default_factory=list)
     logical_load: list[list[list[int]]] = field(default_factory=list)
@@ -247,7 +251,7 @@ class RankResult:
 
 
 def run_engine(model: MoEModel, balancer: Balancer, *, steps: int, verify: bool = False,
-               progress_every: int = 0,
+               progress_every: int = 0, scheduler: bool = True,
                on_step: Callable[[int, StepReport], None] | None = None) -> RankResult:
     """Decode ``steps`` steps on this rank (a collective: every rank runs it together).
 
@@ -258,25 +262,34 @@ def run_engine(model: MoEModel, balancer: Balancer, *, steps: int, verify: bool 
     ``progress_every`` > 0: log one progress line every that many steps. ``on_step(done,
     report)``: called after each step with the steps done so far and its ``StepReport``.
     Step numbers in the result (``started``, ``committed``, ...) are 0-based step indices.
+    ``scheduler``: run :class:`FakeScheduler`'s host work each step, before the forward, or
+    after it for a model that ``launches_async`` (overlapping the queued GPU work, as
+    production engines do); ``False``: none.
     Bookkeeping of the result (loads, placements) happens after each step's timing.
     Raises :class:`mp_eplb.demo.model.VerificationError` on a mismatch.
     """
     cfg = model.cfg
-    scheduler = FakeScheduler(cfg.tokens_per_rank, seed=cfg.seed, rank=model.rank)
+    host_work = (FakeScheduler(cfg.tokens_per_rank, seed=cfg.seed, rank=model.rank).schedule
+                 if scheduler else lambda step: 0)
     result = RankResult(rank=model.rank)
     on_cuda = model.device.type == "cuda"
     phy2log = balancer.physical_to_logical_map.cpu().numpy().copy()
     layer_index = np.arange(cfg.num_layers)[:, None]
     for step in range(steps):
         start, cpu_start = time.perf_counter(), time.process_time()
-        scheduler.schedule(step)
+        if not model.launches_async:
+            host_work(step)
         out = model.forward(model.make_tokens(step), step, balancer.logical_to_physical_map,
                             balancer.logical_replica_count, verify=verify)
+        if model.launches_async:
+            host_work(step)  # overlapping the queued GPU work
         report = balancer.step(out.load)
         if on_cuda:
             torch.cuda.synchronize(model.device)
         result.step_latency_s.append(time.perf_counter() - start)
         result.cpu_time_s.append(time.process_time() - cpu_start)
+        if out.gpu_events is not None:
+            result.gpu_time_s.append(out.gpu_events[0].elapsed_time(out.gpu_events[1]) / 1e3)
         result.received.append(out.received.tolist())
         logical = np.zeros((cfg.num_layers, cfg.num_experts), dtype=np.int64)
         valid = phy2log >= 0  # the maps the forward routed by (before this step's commits)
@@ -441,11 +454,13 @@ class RunReport:
     ``steady``: steps in no rebalance, after the first rebalance finished (before it the
     placement is the naive initial one; with no rebalance, after the first tenth of the run).
     ``steady_cpu_ms``: median engine CPU time of a steady step (slowest rank).
-    ``latency_ms`` [steps]: every step's latency (the slowest rank).
+    ``latency_ms`` [steps]: every step's latency (the slowest rank). ``steady_gpu``: GPU time
+    of the steady steps (the slowest rank's; ``None`` when the engine does not time it).
     """
 
     steady: StepStats | None
     steady_cpu_ms: float | None
+    steady_gpu: StepStats | None
     rebalances: list[RebalanceReport]
     window: int
     latency_ms: np.ndarray
@@ -480,6 +495,9 @@ def rebalance_report(results: Sequence[RankResult], *, expert_bytes: int,
     for start, end in windows:
         steady_mask[start:(steps if end is None else end + 1)] = False
     steady = StepStats.of(latency_ms[steady_mask])
+    timed = steps > 0 and all(len(r.gpu_time_s) == steps for r in results)
+    steady_gpu = (StepStats.of(np.max([r.gpu_time_s for r in results], axis=0)[steady_mask] * 1e3)
+                  if timed else None)
     steady_cpu = float(np.median(cpu_ms[steady_mask])) if steady_mask.any() else None
     reports = []
     for index, (start, end) in enumerate(windows):
@@ -506,8 +524,8 @@ def rebalance_report(results: Sequence[RankResult], *, expert_bytes: int,
             during=StepStats.of(latency_ms[span]),
             added_ms=float((latency_ms[span] - (steady.p50_ms if steady else 0.0)).sum()),
             cpu_ms=float(np.max([np.sum(r.cpu_time_s[span]) for r in results]) * 1e3)))
-    return RunReport(steady=steady, steady_cpu_ms=steady_cpu, rebalances=reports, window=window,
-                     latency_ms=latency_ms)
+    return RunReport(steady=steady, steady_cpu_ms=steady_cpu, steady_gpu=steady_gpu,
+                     rebalances=reports, window=window, latency_ms=latency_ms)
 
 
 def _transfer_s(records: list[dict]) -> float | None:
@@ -529,7 +547,11 @@ def format_report(run: RunReport, summary: DemoSummary) -> str:
     lines = [run.describe()] if run.rebalances else ["no rebalance ran"]
     if run.steady:
         lines.append(f"steady steps: p50 {run.steady.p50_ms:.2f} ms, p99 {run.steady.p99_ms:.2f} ms "
-                     f"over {run.steady.steps} steps")
+                     f"over {run.steady.steps} steps (p99/p50 "
+                     f"{run.steady.p99_ms / run.steady.p50_ms:.3f})")
+    if run.steady_gpu:
+        lines.append(f"steady GPU time per step (CUDA events): p50 {run.steady_gpu.p50_ms:.2f} ms, "
+                     f"p99 {run.steady_gpu.p99_ms:.2f} ms")
     moved = sum(r.bytes_moved for r in run.rebalances)
     lines.append(f"{len(completed)} of {len(run.rebalances)} rebalances completed, "
                  f"{sum(r.slots_moved for r in run.rebalances)} slots ({moved / 2**20:.1f} MiB) "

@@ -33,6 +33,7 @@ from mp_eplb.config import COMMUNICATORS, EplbConfig
 from mp_eplb.state import EplbState
 from mp_eplb.demo.engine import (Balancer, DriftingModel, RankResult, StaticBalancer,
                                  format_report, rebalance_report, run_engine, summarize)
+from mp_eplb.demo.graph import GraphMoEModel, GraphOptions
 from mp_eplb.demo.model import ConfigError, MoEConfig, MoEModel
 from mp_eplb.demo.schedule import Schedule, default_schedule, settle_steps
 
@@ -42,6 +43,7 @@ __all__ = [
     "RankEnv",
     "RankTarget",
     "add_demo_arguments",
+    "add_engine_arguments",
     "add_model_arguments",
     "add_schedule_arguments",
     "build_model",
@@ -57,6 +59,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 MODES = ("process", "thread", "sync", "none")
+ENGINES = ("python", "graph")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
@@ -121,6 +124,26 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
     add_schedule_arguments(parser, rebalance_interval=schedule.rebalance_interval)
     add_model_arguments(parser, MoEConfig(drift_interval=schedule.drift_interval))
     parser.set_defaults(drift_offset=schedule.drift_offset)
+    add_engine_arguments(parser)
+
+
+def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--engine`` and the graph engine's options (:mod:`mp_eplb.demo.graph`)."""
+    group = parser.add_argument_group("engine")
+    group.add_argument("--engine", choices=ENGINES, default="python",
+                       help="python: the realistic Python engine (variable shapes, host syncs "
+                            "per layer; default); graph: fixed shapes, no host sync in the "
+                            "step, MoE layers captured in a CUDA graph")
+    group.add_argument("--capacity-factor", type=positive_float, default=2.0,
+                       help="graph engine: dispatch and expert capacity as a multiple of the "
+                            "balanced share (default 2; >= slots per rank never drops a pair)")
+    group.add_argument("--dense-width", type=non_negative_int, default=0,
+                       help="graph engine: width of the dense MLP per layer (default 4 x hidden)")
+    group.add_argument("--no-cuda-graph", dest="cuda_graph", action="store_false",
+                       help="graph engine: run the step eagerly on CUDA too (the CPU always does)")
+    group.add_argument("--no-scheduler", dest="scheduler", action="store_false",
+                       help="skip the fake scheduler's Python bookkeeping each step (a few ms "
+                            "at 512 tokens; the graph engine overlaps it with the GPU work)")
 
 
 def add_schedule_arguments(parser: argparse.ArgumentParser, *,
@@ -241,12 +264,17 @@ def join_rank_env(rank: int, world_size: int, device: str, timeout_s: float) -> 
 
 
 def build_model(args: argparse.Namespace, env: RankEnv) -> DriftingModel:
-    """This rank's shard of the model ``args`` describe (with its drift workload)."""
-    return DriftingModel(config_from_args(args), drift_swaps=args.drift_swaps,
-                         token_period=args.token_period, drift_offset=args.drift_offset,
-                         rank=env.rank,
-                         world_size=env.world_size, device=env.device, ep_group=env.ep_group,
-                         cpu_group=env.cpu_group)
+    """This rank's shard of the model ``args`` describe (with its drift workload), for the
+    engine ``args.engine`` names."""
+    kwargs: dict[str, Any] = dict(
+        drift_swaps=args.drift_swaps, token_period=args.token_period,
+        drift_offset=args.drift_offset, rank=env.rank, world_size=env.world_size,
+        device=env.device, ep_group=env.ep_group, cpu_group=env.cpu_group)
+    if args.engine == "graph":
+        options = GraphOptions(capacity_factor=args.capacity_factor,
+                               dense_width=args.dense_width, cuda_graph=args.cuda_graph)
+        return GraphMoEModel(config_from_args(args), options=options, **kwargs)
+    return DriftingModel(config_from_args(args), **kwargs)
 
 
 def _rss_bytes(pid: int) -> int | None:
@@ -301,6 +329,7 @@ def _demo_rank(env: RankEnv, args: argparse.Namespace) -> dict:
     try:
         result = run_engine(model, balancer, steps=args.steps, verify=args.verify,
                             progress_every=args.progress_every if shown else 0,
+                            scheduler=args.scheduler,
                             on_step=bar and (lambda done, report: bar.update(
                                 done, "rebalancing" if report.rebalance_active else "")))
     finally:

@@ -190,12 +190,16 @@ class ForwardResult:
 
     ``output`` [tokens, hidden] final hidden states; ``load`` [layers, num_physical] int64 on the
     weights' device: this rank's tokens routed to each physical slot; ``received`` [layers]
-    int64 on CPU: token-expert pairs this rank's experts computed (its share of the work).
+    int64 (CPU or the device): token-expert pairs this rank's experts computed (its share of the
+    work). A model may return buffers it overwrites at its next step.
     """
 
     output: torch.Tensor
     load: torch.Tensor
     received: torch.Tensor
+    #: CUDA events recorded around the step's GPU work (``None``: not timed on the GPU); read
+    #: once the device is synchronised.
+    gpu_events: tuple[torch.cuda.Event, torch.cuda.Event] | None = None
 
 
 class MoEModel:
@@ -203,7 +207,11 @@ class MoEModel:
 
     ``ep_group`` carries the token all-to-all (gloo on CPU, NCCL on CUDA); ``cpu_group`` (gloo)
     carries the ``verify`` agreement. Both must contain the same ``world_size`` ranks.
+    ``launches_async``: ``forward`` returns once the step's GPU work is queued, before it ran
+    (the engine then overlaps its own host work with it); this model syncs inside the step.
     """
+
+    launches_async = False
 
     def __init__(self, cfg: MoEConfig, *, rank: int, world_size: int, device: torch.device | str,
                  ep_group: dist.ProcessGroup | None = None,
@@ -262,7 +270,13 @@ class MoEModel:
 
     def route(self, x: torch.Tensor, layer: int, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Top-k routing of ``x`` [T, hidden]: ``(weights [T, k] float32, logical ids [T, k] int64)``."""
-        logits = x.float() @ self.router_weights[layer].T + self.router_bias(layer, step)
+        return self.route_with_bias(x, layer, self.router_bias(layer, step))
+
+    def route_with_bias(self, x: torch.Tensor, layer: int,
+                        bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`route` with the router ``bias`` [num_experts] given (no host work: fixed
+        shapes, capturable in a CUDA graph)."""
+        logits = x.float() @ self.router_weights[layer].T + bias
         weights, experts = torch.softmax(logits, dim=-1).topk(self.cfg.top_k, dim=-1)
         return weights / weights.sum(dim=-1, keepdim=True), experts
 
@@ -283,15 +297,21 @@ class MoEModel:
             weights, experts = self.route(x, layer, step)
             y, load[layer], received[layer] = self.ep_layer(x, layer, weights, experts, log2phy, logcnt)
             if verify:
-                ref = self.dense_layer(x, layer, weights, experts)
-                atol, rtol = _TOLERANCE[cfg.dtype]
-                diff = (y.float() - ref.float()).abs()
-                excess[layer] = (diff / (atol + rtol * ref.float().abs())).max().item()
-                max_diff[layer] = diff.max().item()
+                excess[layer], max_diff[layer] = self.reference_error(x, layer, weights, experts, y)
             x = _rms_norm(x.float() + y.float()).to(cfg.dtype)
         if verify:
-            self._agree_verified(step, excess, max_diff)
+            self.agree_verified(step, excess, max_diff)
         return ForwardResult(output=x, load=load, received=received)
+
+    def reference_error(self, x: torch.Tensor, layer: int, weights: torch.Tensor,
+                        experts: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
+        """How far ``y`` (the EP output of ``layer`` on ``x`` routed as ``weights``/``experts``)
+        is from :meth:`dense_layer`: ``(max of |diff| / tolerance, max |diff|)``; the first is
+        above 1.0 on a mismatch. Syncs with the host."""
+        ref = self.dense_layer(x, layer, weights, experts).float()
+        atol, rtol = _TOLERANCE[self.cfg.dtype]
+        diff = (y.float() - ref).abs()
+        return (diff / (atol + rtol * ref.abs())).max().item(), diff.max().item()
 
     def ep_layer(self, x: torch.Tensor, layer: int, weights: torch.Tensor, experts: torch.Tensor,
                  log2phy: torch.Tensor, logcnt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -380,7 +400,10 @@ class MoEModel:
                 "does not hold the experts phy2log names (see that rank's error)",
                 layer=layer, step=step, rank=rank)
 
-    def _agree_verified(self, step: int, excess: torch.Tensor, max_diff: torch.Tensor) -> None:
+    def agree_verified(self, step: int, excess: torch.Tensor, max_diff: torch.Tensor) -> None:
+        """Agree over ``cpu_group`` on every rank's per-layer ``excess`` / ``max_diff``
+        [layers] float64 (:meth:`reference_error`); any excess above 1.0 raises
+        :class:`VerificationError` on every rank."""
         table = torch.zeros((self.world_size, 2, self.cfg.num_layers), dtype=torch.float64)
         table[self.rank, 0], table[self.rank, 1] = excess, max_diff
         dist.all_reduce(table, group=self.cpu_group)

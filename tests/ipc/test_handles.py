@@ -260,6 +260,10 @@ def test_share_storage_moves_a_cpu_storage_in_place_so_views_and_parameters_foll
         assert_same(view.reshape(-1), expected)
     finally:
         release(param)
+    assert export_tensor(view)["name"] == handle["name"]  # view's reference still holds it
+    release(view)
+    with pytest.raises(HandleError, match="was released"):
+        export_tensor(view)
     assert share_storage(view) is True  # registered anew: the storage stays shared, in place
     release(view)
     with pytest.raises(HandleError, match="an empty tensor has no memory to share"):
@@ -536,5 +540,4 @@ def test_cuda_share_storage_exports_allocator_blocks_in_place() -> None:
         assert_same(b, expected_b)
     finally:
         release(a)
-        if not same_allocation:
-            release(b)
+        release(b)

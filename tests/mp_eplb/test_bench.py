@@ -18,6 +18,7 @@ import pytest
 from ipc import naming
 from ipc.handles import SHM_DIR
 from mp_eplb.bench import CONFIGS, PRESETS, add_bench_arguments, resolve_options, run_bench
+from mp_eplb.bench.metrics import combine_runs, goals
 from mp_eplb.bench.output import markdown, plot
 from mp_eplb.cli import build_parser
 from mp_eplb.demo.model import ConfigError
@@ -30,7 +31,7 @@ CONFIG_KEYS = {
     "commit_ms_per_layer", "ready_latency_ms", "agreement_ms", "policy_ms",
     "engine_cpu_ms_per_rebalance", "engine_cpu_extra_ms_per_rebalance", "steady_cpu_ms_per_step",
     "setup", "policy", "series", "added_vs_sync", "floor_ms", "added_vs_floor", "link_best_gbps",
-    "rate_vs_link_best"}
+    "rate_vs_link_best", "steady_gpu_ms", "runs", "spread"}
 
 
 def _args(*argv: str) -> argparse.Namespace:
@@ -97,6 +98,17 @@ def test_plot_is_skipped_with_a_warning_without_matplotlib(
         assert plot({"configs": [], "meta": {}}, tmp_path / "x.png") is False
     assert "matplotlib is not installed" in caplog.text
     assert not (tmp_path / "x.png").exists()
+
+
+def test_plot_draws_panels_on_one_axis_and_bars_of_added_ms(tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    series = {"step_ms": [5.0 + (i % 3) for i in range(100)],
+              "windows": [[20, 25, False], [60, 66, True]], "added_ms": [9.0, 4.0]}
+    data = {"meta": {"device_name": "test", "ranks": 1},
+            "configs": [{"name": "none", "steady_ms": {"p50": 6.0, "p99": 7.0},
+                         "series": {"step_ms": series["step_ms"], "windows": [], "added_ms": []}},
+                        {"name": "sync", "steady_ms": {"p50": 6.0, "p99": 7.0}, "series": series}]}
+    assert plot(data, tmp_path / "p.png") is True and (tmp_path / "p.png").stat().st_size > 0
 
 
 def _segments() -> set[str]:
@@ -169,6 +181,59 @@ def test_quick_cpu_bench_writes_sane_results(tmp_path: Path,
     assert multiprocessing.active_children() == []
     leaked = [s for s in _segments() - segments if not _owner_alive(s)]
     assert leaked == []  # the ranks and workers are gone, so are their segments
+
+
+def test_runs_combine_into_medians_and_spread() -> None:
+    runs = [{"name": "x", "steady_ms": {"p50": v, "p99": 2 * v}, "added_ms_per_rebalance": None,
+             "series": {"run": v}} for v in (3.0, 1.0, 2.0)]
+    combined = combine_runs([*runs, {"name": "x", "error": "boom"}])
+    assert combined["runs"] == 3 and combined["series"] == {"run": 3.0}  # the first good run's
+    assert combined["steady_ms"] == {"p50": 2.0, "p99": 4.0}
+    assert combined["spread"] == {"steady_ms.p50": [1.0, 3.0], "steady_ms.p99": [2.0, 6.0]}
+    assert runs[0]["steady_ms"] == {"p50": 3.0, "p99": 6.0}  # inputs untouched
+
+
+def test_goal_of_the_transfer_rate_is_a_share_of_the_link_best() -> None:
+    config = {"name": "p", "steady_ms": {"p99": 10.0}, "during_ms": {"p99": 10.5},
+              "policy": None, "rate_vs_link_best": 0.5}
+    rate = next(g for g in goals([config], None, "p") if g["goal"].startswith("transfer rate"))
+    assert "% of the link's best" in rate["goal"] and rate["value"] == pytest.approx(50.0)
+    assert rate["met"] is False and rate["text"] == ">= 80%"
+    config["rate_vs_link_best"] = 0.85
+    rate = next(g for g in goals([config], None, "p") if g["goal"].startswith("transfer rate"))
+    assert rate["met"] is True
+
+
+@pytest.mark.timeout(400)
+def test_graph_engine_bench_repeats_runs_interleaved(tmp_path: Path,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    args = _args("--configs", "none:44,process-gloo:44", "--runs", "2", "--engine", "graph",
+                 "--capacity-factor", "16", "--no-micro", "--out", str(tmp_path))
+    assert run_bench(args) == 0
+    out = capsys.readouterr().out
+    order = [line.split("] ")[1].split(":")[0] for line in out.splitlines()
+             if line.startswith("[") and "run " in line]
+    assert order == ["none", "process-gloo", "none", "process-gloo"]
+    data = json.loads((tmp_path / "bench.json").read_text())
+    assert "engine graph" in data["meta"]["shape"]
+    for c in data["configs"]:
+        assert c["runs"] == 2 and set(c) == CONFIG_KEYS
+        low, high = c["spread"]["steady_ms.p50"]
+        assert low <= c["steady_ms"]["p50"] <= high
+    assert "## Spread over repeated runs" in (tmp_path / "bench.md").read_text()
+
+
+@pytest.mark.gpu
+@pytest.mark.timeout(600)
+def test_graph_engine_bench_on_one_gpu(tmp_path: Path) -> None:
+    """World size 1 (nothing crosses ranks): the graph engine captured, GPU time reported."""
+    args = _args("--device", "cuda", "--ranks", "1", "--configs", "none:100,process-cuda_ipc:100",
+                 "--engine", "graph", "--runs", "2", "--no-micro", "--hidden", "1024",
+                 "--inter", "512", "--tokens", "128", "--layers", "3", "--out", str(tmp_path))
+    assert run_bench(args) == 0
+    data = json.loads((tmp_path / "bench.json").read_text())
+    for c in data["configs"]:
+        assert c["runs"] == 2 and _positive(c["steady_gpu_ms"]["p50"]), c["name"]
 
 
 @pytest.mark.gpu

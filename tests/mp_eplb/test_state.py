@@ -67,6 +67,7 @@ def _check_rank(state: EplbState, world: int) -> None:
 def _run_rebalances(rank: int, world: int, mode: str, redundant: int, steps: int,
                     device: str = "cpu", communicator: str = "auto") -> dict:
     counts = _count_transfer_calls()
+    agreements = _count_async_all_reduces()
     if device == "cuda":
         torch.cuda.set_device(rank)
         device = f"cuda:{rank}"
@@ -92,7 +93,22 @@ def _run_rebalances(rank: int, world: int, mode: str, redundant: int, steps: int
         history = [(r.rebalance_id, r.aborted, r.layers_committed, r.commit_steps)
                    for r in state.history]
         created_groups = _process_groups() - groups_before
-    return {"history": history, "p2p_calls": dict(counts), "new_groups": len(created_groups)}
+    return {"history": history, "p2p_calls": dict(counts), "new_groups": len(created_groups),
+            "async_agreements": agreements["async"]}
+
+
+def _count_async_all_reduces() -> dict:
+    """Count this process's all-reduces issued with ``async_op=True`` (the pipelined commit
+    agreement; the rebalance-start agreement blocks)."""
+    counts = {"async": 0}
+    original = dist.all_reduce
+
+    def wrapper(*args, **kwargs):
+        counts["async"] += bool(kwargs.get("async_op"))
+        return original(*args, **kwargs)
+
+    dist.all_reduce = wrapper
+    return counts
 
 
 def _process_groups() -> set:
@@ -141,6 +157,8 @@ def _check_results(results: list[dict], mode: str) -> None:
     assert len(done) >= 2, f"expected several completed rebalances, got {histories[0]}"
     assert any(h[2] for h in done), "no rebalance moved anything; the loads should force moves"
     for result in results:
+        pipelined = result["async_agreements"]
+        assert pipelined > 0 if mode != "sync" else pipelined == 0, (mode, pipelined)
         moved = sum(result["p2p_calls"].values())
         if mode == "process":
             assert moved == 0, f"engine process issued P2P operations: {result['p2p_calls']}"

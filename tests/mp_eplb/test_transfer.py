@@ -297,6 +297,21 @@ def test_move_to_buffer_rejects_bad_arguments_before_touching(name: str) -> None
     assert all(bool((t == SENTINEL).all()) for t in args["buffers"])
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_local_moves_round_trip_through_the_buffer_in_one_batched_copy(device: str) -> None:
+    """World size 1: ``move_to_buffer`` stages the rows locally, ``move_from_buffer`` (one
+    batched copy per layer) applies them; element by element, on the CPU and on a GPU."""
+    old = np.array([[0, 1, 2, 3, 0, 1, 2, 3]])
+    new = np.array([[3, 1, 0, 0, 2, 1, 3, 2]])  # runs, a kept row, duplicates
+    weights = make_weights(0, 8, old, device)
+    buffers = [torch.full_like(t, SENTINEL) for t in weights[0]]
+    metadata = move_to_buffer(8, old[0], new[0], weights[0], buffers, None, FakeGroup(0, 1))
+    if device == "cuda":
+        torch.cuda.synchronize()
+    move_from_buffer(weights[0], buffers, metadata, new[0], 0)
+    check_weights(weights, 0, 8, old, new)
+
+
 def test_move_from_buffer_rejects_metadata_that_does_not_fit() -> None:
     weights, buffers = _layer(4), _layer(4)
     new = np.array([5, 6, 9, 9])  # rank 0 of 1; sample metadata received expert 9 at row 2
