@@ -61,8 +61,7 @@ def test_a_rank_error_comes_back_typed_with_its_traceback() -> None:
 @pytest.mark.timeout(60)
 def test_a_result_that_cannot_travel_is_an_error_of_its_rank() -> None:
     run = ranks.launch_ranks(_unpicklable, 1, timeout_s=45)
-    assert "the rank's result cannot be pickled" in run.errors[0]
-    assert run.exitcodes[0] == 1
+    assert "the rank's result cannot be pickled" in run.errors[0] and not run.results
 
 
 @pytest.mark.timeout(60)
