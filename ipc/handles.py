@@ -43,7 +43,7 @@ import threading
 import time
 import weakref
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -129,6 +129,9 @@ class _Segment:
     keep: torch.UntypedStorage | None = None
     #: Registrations not yet released (one per ``shared_empty`` / ``share_storage`` call).
     refs: int = 1
+    #: Registry keys of the storages shared into this segment besides its base (CUDA blocks
+    #: inside the allocation), so finding them again needs no driver call.
+    aliases: set[tuple[str, int, int]] = field(default_factory=set)
 
     @property
     def key(self) -> tuple[str, int, int]:
@@ -161,7 +164,7 @@ class _Handle:
 _lock = threading.RLock()
 _counter = itertools.count()
 _owned: dict[str, _Segment] = {}  # name -> segment this process allocated
-_owned_keys: dict[tuple[str, int, int], str] = {}  # (device type, ordinal, base address) -> name
+_owned_keys: dict[tuple[str, int, int], str] = {}  # (device type, ordinal, address of a base or alias) -> name
 _owned_ipc: dict[bytes, str] = {}  # CUDA IPC handle -> name
 _opened: dict[str, _Segment] = {}  # cache key -> segment opened from another process
 
@@ -364,16 +367,30 @@ def share_storage(t: torch.Tensor) -> bool:
     if segment is not None:
         with _lock:
             segment.refs += 1
+        _alias(segment, t, storage)
         return False
     if storage.nbytes() == 0 or not storage.data_ptr():
         raise HandleError("an empty tensor has no memory to share")
     if t.device.type == "cpu":
-        _register(_share_cpu_storage(storage))
+        segment = _share_cpu_storage(storage)
     elif t.device.type == "cuda":
-        _share_cuda_allocation(storage, t.device.index)
+        segment = _share_cuda_allocation(storage, t.device.index)
     else:
         raise HandleError(f"device {t.device} cannot be shared; use 'cpu' or 'cuda[:N]'")
+    _register(segment)
+    _alias(segment, t, storage)
     return True
+
+
+def _alias(segment: _Segment, t: torch.Tensor, storage: torch.UntypedStorage) -> None:
+    """Find ``storage`` in ``segment`` by its own address from now on (export and release of a
+    block inside a CUDA allocation then ask the driver nothing, e.g. on a reaper thread)."""
+    key = _key(t.device.type, t.device.index if t.device.type == "cuda" else -1,
+               storage.data_ptr())
+    if key != segment.key:
+        with _lock:
+            _owned_keys[key] = segment.name
+            segment.aliases.add(key)
 
 
 def _share_cpu_storage(storage: torch.UntypedStorage) -> _Segment:
@@ -396,7 +413,7 @@ def _share_cpu_storage(storage: torch.UntypedStorage) -> _Segment:
     return _Segment(_new_name(), "shm", size, -1, base, os.getpid(), fd=fd, path=path)
 
 
-def _share_cuda_allocation(storage: torch.UntypedStorage, ordinal: int) -> None:
+def _share_cuda_allocation(storage: torch.UntypedStorage, ordinal: int) -> _Segment:
     ptr = storage.data_ptr()
     try:
         if not _cuda.legacy_ipc_capable(ordinal, ptr):
@@ -412,8 +429,8 @@ def _share_cuda_allocation(storage: torch.UntypedStorage, ordinal: int) -> None:
     # the memory is the allocator's. Keeping ``storage`` alive keeps the allocator from returning the
     # allocation to the driver (and a later one at the same address from meeting a stale handle).
     base = _wrap_device_memory(ordinal, base_ptr, size, lambda: None)
-    _register(_Segment(_new_name(), "cuda", size, ordinal, base, os.getpid(), ipc_handle,
-                       _cuda.device_uuid(ordinal), keep=storage))
+    return _Segment(_new_name(), "cuda", size, ordinal, base, os.getpid(), ipc_handle,
+                    _cuda.device_uuid(ordinal), keep=storage)
 
 
 def _owned_segment_of(t: torch.Tensor) -> _Segment:
@@ -696,7 +713,8 @@ def release(t: torch.Tensor) -> None:
 def _forget(segment: _Segment) -> None:
     with _lock:
         _owned.pop(segment.name, None)
-        _owned_keys.pop(segment.key, None)
+        for key in (segment.key, *segment.aliases):
+            _owned_keys.pop(key, None)
         _owned_ipc.pop(segment.ipc_handle, None)
     if segment.fd >= 0 and segment.owner_pid == os.getpid():
         os.close(segment.fd)

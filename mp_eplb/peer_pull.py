@@ -29,7 +29,8 @@ def all_gather_bytes(data: bytes, group: dist.ProcessGroup) -> list[bytes]:
     dist.all_gather(lengths, length, group=group)
     longest = max(int(n.item()) for n in lengths)
     mine = torch.zeros(longest, dtype=torch.uint8)
-    mine[: len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+    if data:  # torch.frombuffer refuses an empty buffer
+        mine[: len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
     gathered = [torch.empty(longest, dtype=torch.uint8) for _ in range(size)]
     dist.all_gather(gathered, mine, group=group)
     return [bytes(t[: int(n.item())].numpy()) for t, n in zip(gathered, lengths)]

@@ -17,6 +17,7 @@ from mp_eplb.communicator import (
     default_communicator,
     make_communicator,
 )
+from mp_eplb.peer_pull import all_gather_bytes
 from mp_eplb.ranks import RankFailure
 from tests.mp_eplb.dist_utils import run_distributed
 
@@ -110,3 +111,12 @@ def test_run_distributed_kills_ranks_past_the_timeout() -> None:
         run_distributed(_hang_on_rank_zero, 2, timeout_s=12)
     assert set(info.value.errors) == {0}
     assert multiprocessing.active_children() == []
+
+
+def _gather_bytes(rank: int, world: int) -> list[bytes]:
+    return all_gather_bytes(b"" if rank == 1 else bytes(range(rank + 3)), dist.group.WORLD)
+
+
+def test_all_gather_bytes_carries_empty_and_unequal_payloads() -> None:
+    expected = [bytes(range(3)), b"", bytes(range(5))]
+    assert run_distributed(_gather_bytes, 3, timeout_s=60) == [expected] * 3
