@@ -43,13 +43,13 @@ from typing import Any
 
 import zmq
 
+from ipc import naming
 from ipc.codec import DEFAULT_MAX_MESSAGE_BYTES, Codec, DecodeError, DropReason, Role
 from ipc.errors import AuthenticationError, ChannelClosedError, IpcError, IpcTimeoutError
 from ipc.schema import ErrorReply, message_tag
 
 __all__ = [
     "Channel",
-    "PRIVATE_DIR_PREFIX",
     "sweep_stale_dirs",
     "DEFAULT_SEND_TIMEOUT_S",
     "DEFAULT_LINGER_MS",
@@ -63,9 +63,9 @@ DEFAULT_LINGER_MS = 100
 MAX_IPC_PATH_CHARS = 107
 """Longest path an ``ipc://`` endpoint may have (``sun_path`` is 108 bytes with its NUL)."""
 _SOCKET_NAME = "ch.sock"
-PRIVATE_DIR_PREFIX = "mp_eplb-ipc-"
-"""A private socket directory is ``<tmp>/mp_eplb-ipc-<owner pid>-<random>`` (see :func:`sweep_stale_dirs`)."""
-_PRIVATE_DIR_RE = re.compile(re.escape(PRIVATE_DIR_PREFIX) + r"([0-9]{1,10})-[A-Za-z0-9_]{1,32}\Z")
+#: A private socket directory is ``<tmp>/<ipc.naming.private_dir_prefix()><owner pid>-<random>``
+#: (see :func:`sweep_stale_dirs`); this matches what follows the prefix.
+_PRIVATE_DIR_TAIL_RE = re.compile(r"([0-9]{1,10})-[A-Za-z0-9_]{1,32}\Z")
 #: A private directory with no socket in it is swept only once older than this (its owner may be
 #: between creating it and binding).
 _EMPTY_DIR_GRACE_S = 60.0
@@ -100,7 +100,8 @@ def _private_ipc_endpoint() -> tuple[str, str]:
         _swept = True
         sweep_stale_dirs()
     for base in _tmp_bases():
-        directory = tempfile.mkdtemp(prefix=f"{PRIVATE_DIR_PREFIX}{os.getpid()}-", dir=base)
+        directory = tempfile.mkdtemp(prefix=f"{naming.private_dir_prefix()}{os.getpid()}-",
+                                     dir=base)
         path = os.path.join(directory, _SOCKET_NAME)
         if len(os.fsencode(path)) <= MAX_IPC_PATH_CHARS:
             return f"ipc://{path}", directory
@@ -111,8 +112,9 @@ def _private_ipc_endpoint() -> tuple[str, str]:
 
 
 def sweep_stale_dirs() -> list[str]:
-    """Remove the private socket directories that dead processes of this user left (a process
-    killed by a signal or ``os._exit`` cannot remove its own); returns what was removed.
+    """Remove the private socket directories of this name prefix (:mod:`ipc.naming`) that dead
+    processes of this user left (a process killed by a signal or ``os._exit`` cannot remove its
+    own); returns what was removed.
 
     Safe against live channels: a directory is removed only if it is this user's (owner uid, not a
     symlink), its owner pid no longer exists here, and its socket refuses connections (nobody
@@ -121,13 +123,15 @@ def sweep_stale_dirs() -> list[str]:
     first private bind.
     """
     removed = []
+    prefix = naming.private_dir_prefix()
     for base in _tmp_bases():
         try:
             names = os.listdir(base)
         except OSError:
             continue
         for name in names:
-            match = _PRIVATE_DIR_RE.match(name)
+            match = (_PRIVATE_DIR_TAIL_RE.match(name[len(prefix):]) if name.startswith(prefix)
+                     else None)
             path = os.path.join(base, name)
             if match is None or not _is_stale(path, int(match.group(1))):
                 continue

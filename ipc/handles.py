@@ -18,10 +18,11 @@ Consumers. :func:`open_tensor` validates every field of a handle before it touch
 segment once per process and returns views of that one mapping; :func:`close` / :func:`close_all`
 drop the mapping (unmapped once the views are gone). A CPU segment is opened through the owner's
 descriptor (``/proc/<pid>/fd/<fd>``): it must be a regular file of this user whose identity (its
-``readlink``, e.g. ``/memfd:mp_eplb_... (deleted)``) matches the handle's ``path``, so a stale or
+``readlink``, e.g. ``/memfd:ipc_... (deleted)``) matches the handle's ``path``, so a stale or
 tampered descriptor number is refused. A handle never names code to run.
 
-Segment names are ``mp_eplb_<pid>_<n>_<8 hex>`` (:data:`SEGMENT_PREFIX`). Nothing stays named in
+Segment names are ``<prefix>_<pid>_<n>_<8 hex>`` (:mod:`ipc.naming`; a handle of another prefix is
+refused). Nothing stays named in
 /dev/shm (:data:`SHM_DIR`; torch's in-place move unlinks its file inside the call): a leftover there
 is a bug.
 """
@@ -47,11 +48,10 @@ from typing import Any
 
 import torch
 
-from ipc import _cuda
+from ipc import _cuda, naming
 from ipc.errors import HandleError, IpcError
 
 __all__ = [
-    "SEGMENT_PREFIX",
     "SHM_DIR",
     "HANDLE_VERSION",
     "TensorSpec",
@@ -73,13 +73,13 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-SEGMENT_PREFIX = "mp_eplb_"
 SHM_DIR = "/dev/shm"
 HANDLE_VERSION = 2
 _MAX_DIMS = 32
 _MAX_INT = 2**62
 _MAX_PATH = 4096
-_NAME_RE = re.compile(r"mp_eplb_[0-9]{1,10}_[0-9]{1,12}_[0-9a-f]{8}\Z")
+#: A segment name after its prefix (:func:`ipc.naming.segment_prefix`).
+_NAME_TAIL_RE = re.compile(r"[0-9]{1,10}_[0-9]{1,12}_[0-9a-f]{8}\Z")
 _UUID_RE = re.compile(r"[0-9a-f]{32}\Z")
 
 # Only these dtypes travel; a handle's dtype string is looked up here, never with getattr.
@@ -224,7 +224,7 @@ def _key(device_type: str, ordinal: int, address: int) -> tuple[str, int, int]:
 
 
 def _new_name() -> str:
-    return f"{SEGMENT_PREFIX}{os.getpid()}_{next(_counter)}_{secrets.token_hex(4)}"
+    return f"{naming.segment_prefix()}{os.getpid()}_{next(_counter)}_{secrets.token_hex(4)}"
 
 
 def _register(segment: _Segment) -> None:
@@ -514,10 +514,12 @@ def _parse(handle: object) -> _Handle:
     h = check_fields(handle, _FIELDS[kind], f"{kind} tensor handle")
     if h["version"] != HANDLE_VERSION:
         raise HandleError(f"tensor handle version {h['version']} is unsupported; this side speaks "
-                          f"version {HANDLE_VERSION}: run the same mp_eplb on both sides")
-    if not _NAME_RE.match(h["name"]):
+                          f"version {HANDLE_VERSION}: run the same ipc on both sides")
+    prefix = naming.segment_prefix()
+    if not (h["name"].startswith(prefix) and _NAME_TAIL_RE.match(h["name"][len(prefix):])):
         raise HandleError(f"tensor handle name {h['name']!r} is not a segment name of ours "
-                          f"({SEGMENT_PREFIX}<pid>_<n>_<8 hex>)")
+                          f"({prefix}<pid>_<n>_<8 hex>): both sides must call "
+                          "ipc.naming.set_name_prefix with the same prefix")
     dtype = _DTYPES.get(h["dtype"])
     if dtype is None:
         raise HandleError(f"tensor handle dtype {h['dtype']!r} is unknown; expected one of {sorted(_DTYPES)}")

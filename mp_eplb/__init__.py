@@ -6,13 +6,21 @@ The functions named like vLLM's (``rebalance_experts``, ``move_to_buffer``,
 semantics so an engine can switch.
 
 The names below are imported on first use, so the transfer subprocess's bootstrap
-(:mod:`mp_eplb.worker.boot`) starts without importing torch.
+(:mod:`mp_eplb.worker.boot`) starts without importing torch. Importing the package names what
+:mod:`ipc` creates ``mp_eplb``-first (shared segments ``mp_eplb_...``, socket directories
+``mp_eplb-ipc-...``), in the engine and its workers alike.
 """
 
 from __future__ import annotations
 
 import importlib
 from typing import TYPE_CHECKING, Any
+
+import ipc
+
+#: The :mod:`ipc` name prefix of every mp_eplb process (see :func:`ipc.set_name_prefix`).
+IPC_NAME_PREFIX = "mp_eplb"
+ipc.set_name_prefix(IPC_NAME_PREFIX)
 
 if TYPE_CHECKING:
     from mp_eplb.transfer.communicators import (EplbCommunicator, GlooCommunicator, NcclCommunicator,

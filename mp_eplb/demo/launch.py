@@ -2,37 +2,33 @@
 
 The launcher spawns one process per rank; each joins the engine's own process group
 (gloo on 127.0.0.1, or NCCL for ``--device cuda`` plus a gloo group for CPU-side agreement,
-one GPU per rank), builds its model shard and balancer, runs the step loop and sends its
-:class:`~mp_eplb.demo.engine.RankResult` back as msgpack bytes over a pipe (no pickle).
-Any rank's failure, or the run passing ``--timeout``, makes the run fail.
+one GPU per rank), builds its model shard and balancer, runs the step loop and returns its
+:class:`~mp_eplb.demo.engine.RankResult` as a plain dict (:mod:`mp_eplb.ranks` starts the
+processes and gathers the returns). Any rank's failure, or the run passing ``--timeout``, makes
+the run fail.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
-import multiprocessing
 import os
-import socket
 import sys
 import time
-import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
-from multiprocessing.connection import Connection, wait
 from typing import Any
 
-import msgpack
 import torch
 import torch.distributed as dist
 
 from ipc import handles
-from ipc.procs import stop_processes
 
 from mp_eplb import logs
 from mp_eplb.argtypes import device, non_negative_int, positive_float, positive_int
 from mp_eplb.progress import Progress, announce
+from mp_eplb.ranks import RankFailure, launch_ranks
 from mp_eplb.config import COMMUNICATORS, EplbConfig
 from mp_eplb.engine.state import EplbState
 from mp_eplb.demo.engine import (Balancer, DriftingModel, RankResult, StaticBalancer,
@@ -53,6 +49,7 @@ __all__ = [
     "build_model",
     "config_from_args",
     "init_rank_groups",
+    "join_rank_env",
     "make_balancer",
     "run_demo",
     "run_ranks",
@@ -64,25 +61,13 @@ logger = logging.getLogger(__name__)
 MODES = ("process", "thread", "sync", "none")
 ENGINES = ("python", "graph")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-#: Seconds the other ranks get to report their own error after one rank failed.
-_FAILURE_GRACE_S = 10.0
-#: Seconds to wait for a rank process to exit after terminate (then kill).
-_EXIT_TIMEOUT_S = 10.0
 
 
-class DemoFailure(RuntimeError):
-    """A rank failed, died or the run timed out.
-
-    ``errors`` maps each failed rank to ``"ExceptionType: message"`` (or what happened to it);
-    the message lists them all.
-    """
-
-    def __init__(self, errors: dict[int, str]) -> None:
-        super().__init__("; ".join(f"rank {rank}: {errors[rank]}" for rank in sorted(errors)))
-        self.errors = dict(errors)
+#: A rank failed, died or the run timed out (the launcher's error, under the demo's name).
+DemoFailure = RankFailure
 
 
-#: A rank's work for :func:`spawn_ranks`: ``target(env, arg)`` returns msgpack-able data.
+#: A rank's work for :func:`spawn_ranks`: ``target(env, arg)`` returns picklable data.
 RankTarget = Callable[["RankEnv", Any], Any]
 
 
@@ -248,9 +233,10 @@ def make_balancer(args: argparse.Namespace, ctx: RankContext) -> Balancer:
                      initial_phy2log=ctx.model.initial_phy2log.cpu().numpy())
 
 
-def init_rank_groups(rank: int, world_size: int, init_method: str, device: torch.device,
+def init_rank_groups(rank: int, world_size: int, device: torch.device,
                      timeout_s: float) -> tuple[dist.ProcessGroup, dist.ProcessGroup]:
-    """Join the engine's process group: ``(ep_group, cpu_group)``.
+    """Join the engine's process group at ``MASTER_ADDR``/``MASTER_PORT`` (set by
+    :func:`mp_eplb.ranks.launch_ranks`): ``(ep_group, cpu_group)``.
 
     ``ep_group`` is the default group (NCCL for a CUDA ``device``, else gloo); ``cpu_group`` a
     gloo group over the same ranks. Every collective waits at most ``timeout_s`` seconds.
@@ -258,12 +244,23 @@ def init_rank_groups(rank: int, world_size: int, init_method: str, device: torch
     timeout = timedelta(seconds=timeout_s)
     if device.type == "cuda":
         torch.cuda.set_device(device)
-        dist.init_process_group("nccl", init_method=init_method, rank=rank, world_size=world_size,
+        dist.init_process_group("nccl", init_method="env://", rank=rank, world_size=world_size,
                                 timeout=timeout, device_id=device)
     else:
-        dist.init_process_group("gloo", init_method=init_method, rank=rank,
+        dist.init_process_group("gloo", init_method="env://", rank=rank,
                                 world_size=world_size, timeout=timeout)
     return dist.group.WORLD, dist.new_group(backend="gloo", timeout=timeout)
+
+
+def join_rank_env(rank: int, world_size: int, device: str, timeout_s: float) -> RankEnv:
+    """In a rank process of :func:`mp_eplb.ranks.launch_ranks`: take this rank's device
+    (``cuda:<rank>``, or the CPU with one torch thread, as a rank has one device) and join the
+    engine group (:func:`init_rank_groups`)."""
+    dev = torch.device(f"cuda:{rank}" if device == "cuda" else "cpu")
+    if dev.type == "cpu":
+        torch.set_num_threads(1)
+    ep_group, cpu_group = init_rank_groups(rank, world_size, dev, timeout_s)
+    return RankEnv(rank, world_size, dev, ep_group, cpu_group)
 
 
 def build_model(args: argparse.Namespace, env: RankEnv) -> DriftingModel:
@@ -345,43 +342,16 @@ def _demo_rank(env: RankEnv, args: argparse.Namespace) -> dict:
 
 @dataclass(frozen=True)
 class _SpawnSpec:
-    world_size: int
     device: str
-    init_method: str
     collective_timeout_s: float
     quiet: bool
 
 
-def _rank_entry(rank: int, spec: _SpawnSpec, target: RankTarget, arg: object,
-                conn: Connection) -> None:
-    """Entry point of spawned rank ``rank``: run ``target``, send one msgpack payload on ``conn``."""
+def _rank_entry(rank: int, world_size: int, spec: _SpawnSpec, target: RankTarget,
+                arg: object) -> Any:
+    """Spawned rank ``rank``: join the engine group, return ``target(env, arg)``."""
     logs.configure(f"rank{rank}", default=logging.WARNING if spec.quiet else logging.INFO)
-    ok = False
-    try:
-        device = torch.device(f"cuda:{rank}" if spec.device == "cuda" else "cpu")
-        if device.type == "cpu":
-            torch.set_num_threads(1)  # one core per rank, as a rank has one device
-        ep_group, cpu_group = init_rank_groups(rank, spec.world_size, spec.init_method, device,
-                                               spec.collective_timeout_s)
-        env = RankEnv(rank, spec.world_size, device, ep_group, cpu_group)
-        payload = msgpack.packb({"ok": True, "result": target(env, arg)})
-        ok = True
-    except Exception as exc:  # reported to the launcher, which fails the run
-        payload = msgpack.packb({"ok": False, "error": f"{type(exc).__name__}: {exc}",
-                                 "traceback": traceback.format_exc()})
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-    conn.send_bytes(payload)
-    conn.close()
-    if not ok:
-        sys.exit(1)
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    return target(join_rank_env(rank, world_size, spec.device, spec.collective_timeout_s), arg)
 
 
 def spawn_ranks(target: RankTarget, arg: object, *, world_size: int, device: str = "cpu",
@@ -389,36 +359,15 @@ def spawn_ranks(target: RankTarget, arg: object, *, world_size: int, device: str
                 quiet: bool = True) -> list:
     """Run ``target(env, arg)`` in ``world_size`` spawned rank processes; their returns, by rank.
 
-    Each process joins the engine group (:func:`init_rank_groups` on a free 127.0.0.1 port,
-    one GPU per rank for ``device="cuda"``); ``target`` must be importable by name (a
-    module-level function) and return msgpack-able data, which comes back over a pipe as
-    msgpack bytes. ``arg`` reaches the child through multiprocessing's spawn. Raises
-    :class:`DemoFailure` if any rank raises or dies, or ``timeout_s`` seconds pass; no rank
-    process outlives the call.
+    Each process joins the engine group (:func:`init_rank_groups`, one GPU per rank for
+    ``device="cuda"``) through :func:`mp_eplb.ranks.launch_ranks`; ``target`` must be
+    importable by name (a module-level function) and its ``arg`` and return picklable.
+    Raises :class:`DemoFailure` if any rank raises or dies, or ``timeout_s`` seconds pass; no
+    rank process outlives the call.
     """
-    spec = _SpawnSpec(world_size, device, f"tcp://127.0.0.1:{_free_port()}", collective_timeout_s,
-                      quiet)
-    ctx = multiprocessing.get_context("spawn")
-    procs, readers = [], {}
-    for rank in range(world_size):
-        reader, writer = ctx.Pipe(duplex=False)
-        proc = ctx.Process(target=_rank_entry, args=(rank, spec, target, arg, writer),
-                           name=f"mp-eplb-rank{rank}", daemon=True)
-        proc.start()
-        writer.close()
-        procs.append(proc)
-        readers[reader] = rank
-    results: dict[int, object] = {}
-    errors: dict[int, str] = {}
-    try:
-        results, errors = _collect(procs, readers, time.monotonic() + timeout_s, timeout_s)
-    finally:
-        _stop(procs, _EXIT_TIMEOUT_S if len(results) == len(procs) else 0.0)
-        for reader in readers:
-            reader.close()
-    if errors:
-        raise DemoFailure(errors)
-    return [results[rank] for rank in range(world_size)]
+    spec = _SpawnSpec(device, collective_timeout_s, quiet)
+    return launch_ranks(_rank_entry, world_size, (spec, target, arg), timeout_s=timeout_s,
+                        name="mp-eplb-rank").values()
 
 
 def run_ranks(args: argparse.Namespace) -> list[RankResult]:
@@ -446,41 +395,6 @@ def run_ranks(args: argparse.Namespace) -> list[RankResult]:
                           timeout_s=args.timeout, collective_timeout_s=args.collective_timeout,
                           quiet=True)  # ranks log at MP_EPLB_LOG (-v); rank 0 draws progress
     return [RankResult.from_dict(result) for result in results]
-
-
-def _collect(procs: list, readers: dict[Connection, int], deadline: float,
-             timeout_s: float) -> tuple[dict[int, object], dict[int, str]]:
-    results: dict[int, object] = {}
-    errors: dict[int, str] = {}
-    pending = dict(readers)
-    while pending:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            for rank in sorted(pending.values()):
-                errors.setdefault(rank, f"gave no result within the timeout ({timeout_s:g} s)"
-                                  if not errors else "stopped after another rank failed")
-            break
-        for reader in wait(list(pending), timeout=remaining):
-            rank = pending.pop(reader)
-            try:
-                payload = msgpack.unpackb(reader.recv_bytes(), raw=False)
-            except EOFError:
-                procs[rank].join(_EXIT_TIMEOUT_S)
-                errors[rank] = f"exited (code {procs[rank].exitcode}) without a result"
-                continue
-            if payload["ok"]:
-                results[rank] = payload["result"]
-            else:
-                logger.debug("rank %d failed:\n%s", rank, payload["traceback"])
-                errors[rank] = payload["error"]
-        if errors:
-            deadline = min(deadline, time.monotonic() + _FAILURE_GRACE_S)
-    return results, errors
-
-
-def _stop(procs: list, join_s: float) -> None:
-    """Join every rank process for ``join_s`` seconds; terminate, then kill, those still running."""
-    stop_processes(procs, join_s, _EXIT_TIMEOUT_S)
 
 
 def run_demo(args: argparse.Namespace) -> int:

@@ -22,7 +22,11 @@ import msgpack
 import pytest
 import torch
 
+from ipc import naming
 from ipc.procs import stop_processes
+
+#: The ipc name prefix of the ipc tests (set around each test by their conftest).
+TEST_PREFIX = "ipctest"
 
 __all__ = ["CHILD_GPUS", "JOIN_TIMEOUT_S", "RECV_TIMEOUT_S", "Link", "spawn_child"]
 
@@ -54,7 +58,9 @@ class Link:
         return message
 
 
-def _child_main(conn: Connection, fn: Callable[..., None], args: tuple[Any, ...]) -> None:
+def _child_main(conn: Connection, prefix: str, fn: Callable[..., None],
+                args: tuple[Any, ...]) -> None:
+    naming.set_name_prefix(prefix)  # the parent's: handles of another prefix are refused
     link = Link(conn, "parent")
     try:
         fn(link, *args)
@@ -68,7 +74,7 @@ def spawn_child(fn: Callable[..., None], *args: Any, expect_exit: int | None = 0
     """Run ``fn(link, *args)`` in a spawned child for the duration of the block (see module doc)."""
     ctx = mp.get_context("spawn")
     parent_conn, child_conn = ctx.Pipe(duplex=True)
-    proc = ctx.Process(target=_child_main, args=(child_conn, fn, args), daemon=True)
+    proc = ctx.Process(target=_child_main, args=(child_conn, naming.name_prefix(), fn, args), daemon=True)
     proc.start()
     child_conn.close()
     link = Link(parent_conn, "child", proc.pid)

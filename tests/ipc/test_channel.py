@@ -21,7 +21,8 @@ import msgpack
 import pytest
 import zmq
 
-from ipc.channel import MAX_IPC_PATH_CHARS, PRIVATE_DIR_PREFIX, Channel, sweep_stale_dirs
+from ipc import naming
+from ipc.channel import MAX_IPC_PATH_CHARS, Channel, sweep_stale_dirs
 from ipc.codec import (
     MAC_BYTES,
     Codec,
@@ -34,6 +35,7 @@ from ipc.codec import (
 )
 from ipc.errors import ChannelClosedError, IpcError, IpcTimeoutError
 from ipc.schema import SCHEMA_VERSION, ErrorReply, Goodbye, Heartbeat, Hello, Shutdown, message
+from tests.ipc.spawn_utils import TEST_PREFIX
 
 STARTUP_TIMEOUT_S = 20.0  # child interpreter start + first message
 REPLY_TIMEOUT_S = 5.0
@@ -346,7 +348,7 @@ def test_ipc_path_length_limit_and_fallback(key: bytes, tmp_path,
     monkeypatch.setattr(tempfile, "tempdir", str(deep))
     with Channel.bind(key) as parent:
         path = socket_path(parent)
-        assert path.startswith(f"/tmp/mp_eplb-ipc-{os.getpid()}-") and len(path) <= MAX_IPC_PATH_CHARS
+        assert path.startswith(f"/tmp/{TEST_PREFIX}-ipc-{os.getpid()}-") and len(path) <= MAX_IPC_PATH_CHARS
     assert not os.path.exists(os.path.dirname(path))
     assert list(deep.iterdir()) == []  # the too-long private dir was removed again
     with pytest.raises(ValueError, match="endpoint must be"):
@@ -365,15 +367,18 @@ def test_sweep_removes_only_dirs_of_dead_owners_that_nobody_listens_on(
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     with Channel.bind(key) as mine:  # a live owner (this process); its first bind swept already
         assert os.path.basename(os.path.dirname(socket_path(mine))).startswith(
-            f"{PRIVATE_DIR_PREFIX}{os.getpid()}-")
+            f"{naming.private_dir_prefix()}{os.getpid()}-")
         dead = _dead_pid()
-        stale = tmp_path / f"{PRIVATE_DIR_PREFIX}{dead}-stale"
+        stale = tmp_path / f"{naming.private_dir_prefix()}{dead}-stale"
         stale.mkdir(mode=0o700)
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as orphan:
-            orphan.bind(str(stale / "ch.sock"))  # closed without unlink: what a killed owner leaves
-        listened = tmp_path / f"{PRIVATE_DIR_PREFIX}{dead}-listened"
+        alien = tmp_path / f"other-ipc-{dead}-stale"  # as stale, but of another name prefix
+        for left in (stale, alien):
+            left.mkdir(mode=0o700, exist_ok=True)
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as orphan:
+                orphan.bind(str(left / "ch.sock"))  # closed without unlink: a killed owner's
+        listened = tmp_path / f"{naming.private_dir_prefix()}{dead}-listened"
         listened.mkdir(mode=0o700)
-        young = tmp_path / f"{PRIVATE_DIR_PREFIX}{dead}-young"  # created, not bound yet
+        young = tmp_path / f"{naming.private_dir_prefix()}{dead}-young"  # created, not bound yet
         young.mkdir(mode=0o700)
         foreign = tmp_path / f"ipc-{dead}-other"
         foreign.mkdir(mode=0o700)
@@ -381,9 +386,9 @@ def test_sweep_removes_only_dirs_of_dead_owners_that_nobody_listens_on(
             removed = sweep_stale_dirs()
             assert [r for r in removed if r.startswith(str(tmp_path))] == [str(stale)]
             assert not stale.exists()
-            assert listened.exists() and young.exists() and foreign.exists()
+            assert listened.exists() and young.exists() and foreign.exists() and alien.exists()
             assert os.path.exists(socket_path(mine))
-    assert sorted(tmp_path.iterdir()) == sorted([listened, young, foreign])  # mine was closed
+    assert sorted(tmp_path.iterdir()) == sorted([listened, young, foreign, alien])  # mine closed
 
 
 if __name__ == "__main__":

@@ -18,10 +18,9 @@ import msgpack
 import pytest
 import torch
 
-from ipc import _cuda
+from ipc import _cuda, naming
 from ipc.errors import HandleError
 from ipc.handles import (
-    SEGMENT_PREFIX,
     SHM_DIR,
     TensorSpec,
     close,
@@ -36,7 +35,9 @@ from ipc.handles import (
     time_export,
     time_open,
 )
-from tests.ipc.spawn_utils import CHILD_GPUS, Link, spawn_child
+from tests.ipc.spawn_utils import CHILD_GPUS, TEST_PREFIX, Link, spawn_child
+
+SEGMENT_PREFIX = f"{TEST_PREFIX}_"
 
 DTYPES = ["float32", "bfloat16", "int64", "uint8"]
 BASE_SHAPE = (5, 8)
@@ -274,13 +275,38 @@ def test_tampered_descriptor_number_is_refused() -> None:
     other = shared_empty((64,), torch.float32)
     try:
         handle = export_tensor(t)
-        forged = dict(handle, name="mp_eplb_1_999999_deadbeef", fd=export_tensor(other)["fd"])
-        with pytest.raises(HandleError, match=r"descriptor \d+ of pid \d+ is '/memfd:mp_eplb_.*', not "
+        forged = dict(handle, name=f"{SEGMENT_PREFIX}1_999999_deadbeef", fd=export_tensor(other)["fd"])
+        with pytest.raises(HandleError, match=rf"descriptor \d+ of pid \d+ is '/memfd:{SEGMENT_PREFIX}.*', not "
                                               r"segment .* stale or tampered"):
             open_tensor(forged)
     finally:
         release(t)
         release(other)
+
+
+def test_a_handle_of_another_name_prefix_is_refused(test_name_prefix: str) -> None:
+    t = shared_empty((4,), torch.float32)
+    try:
+        handle = export_tensor(t)
+        naming.set_name_prefix("other")
+        with pytest.raises(HandleError, match=rf"name '{test_name_prefix}_\d+_.*' is not a segment "
+                                              r"name of ours \(other_<pid>_<n>_<8 hex>\): both "
+                                              "sides must call ipc.naming.set_name_prefix"):
+            open_tensor(handle)
+        other = shared_empty((2,), torch.float32)  # named under the new prefix
+        try:
+            assert export_tensor(other)["name"].startswith(f"other_{os.getpid()}_")
+        finally:
+            release(other)
+    finally:
+        naming.set_name_prefix(test_name_prefix)
+        release(t)
+
+
+@pytest.mark.parametrize("prefix", ["", "1ab", "a-b", "a/b", "x" * 17, None])
+def test_a_bad_name_prefix_is_refused(prefix: object) -> None:
+    with pytest.raises(ValueError, match="must be 1-16 letters, digits or underscores"):
+        naming.set_name_prefix(prefix)  # type: ignore[arg-type]
 
 
 def _mutations() -> list[tuple[str, Callable[[dict[str, Any]], Any], str]]:
@@ -290,7 +316,7 @@ def _mutations() -> list[tuple[str, Callable[[dict[str, Any]], Any], str]]:
         return {**{k: v for k, v in h.items() if k not in ("fd", "path")}, **cuda_fields, **changes}
 
     # Another name makes the owner open its own handle like a consumer: through /proc/<pid>/fd.
-    foreign = "mp_eplb_1_999999_deadbeef"
+    foreign = f"{SEGMENT_PREFIX}1_999999_deadbeef"
     return [
         ("not a dict", lambda h: list(h.items()), "must be a dict"),
         ("unknown kind", lambda h: dict(h, kind="nfs"), "kind 'nfs' is unknown"),
@@ -315,7 +341,7 @@ def _mutations() -> list[tuple[str, Callable[[dict[str, Any]], Any], str]]:
         ("foreign file", lambda h: dict(h, name="pym-123-abc"), "is not a segment name of ours"),
         ("missing segment", lambda h: dict(h, name=foreign, fd=999999), "does not exist"),
         ("dead owner", lambda h: dict(h, name=foreign, pid=2**22 + 7), "does not exist"),
-        ("other file", lambda h: dict(h, name=foreign, path="/memfd:mp_eplb_x (deleted)"),
+        ("other file", lambda h: dict(h, name=foreign, path=f"/memfd:{SEGMENT_PREFIX}x (deleted)"),
          "not segment .* stale or tampered"),
         ("empty path", lambda h: dict(h, path=""), "path has 0 characters"),
         ("fd as str", lambda h: dict(h, fd=str(h["fd"])), "'fd' must be int, got str"),

@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from ipc.handles import SEGMENT_PREFIX, SHM_DIR
+from ipc import naming
+from ipc.handles import SHM_DIR
 from mp_eplb.bench import CONFIGS, PRESETS, add_bench_arguments, resolve_options, run_bench
 from mp_eplb.bench.metrics import combine_runs, goals
 from mp_eplb.bench.output import markdown, plot
@@ -111,12 +112,12 @@ def test_plot_draws_panels_on_one_axis_and_bars_of_added_ms(tmp_path: Path) -> N
 
 
 def _segments() -> set[str]:
-    return {n for n in os.listdir(SHM_DIR) if n.startswith(SEGMENT_PREFIX)}
+    return {n for n in os.listdir(SHM_DIR) if n.startswith(naming.segment_prefix())}
 
 
 def _owner_alive(segment: str) -> bool:
     """Segment names carry their owner's pid (``mp_eplb_<pid>_...``)."""
-    return Path(f"/proc/{segment[len(SEGMENT_PREFIX):].split('_')[0]}").exists()
+    return Path(f"/proc/{segment[len(naming.segment_prefix()):].split('_')[0]}").exists()
 
 
 @pytest.mark.timeout(400)

@@ -19,7 +19,8 @@ import torch
 import torch.distributed as dist
 
 from ipc.channel import sweep_stale_dirs
-from ipc.handles import SEGMENT_PREFIX, SHM_DIR, live_segments
+from ipc import naming
+from ipc.handles import SHM_DIR, live_segments
 from ipc.procs import stop_processes
 from mp_eplb import EplbConfig, EplbState
 
@@ -59,7 +60,7 @@ def _shared_files(pid: int) -> tuple[set[str], set[str]]:
             links.add(os.readlink(f"/proc/{pid}/fd/{fd}"))
         except FileNotFoundError:
             continue
-    return ({link for link in links if link.startswith(f"/memfd:{SEGMENT_PREFIX}")},
+    return ({link for link in links if link.startswith(f"/memfd:{naming.segment_prefix()}")},
             {link for link in links if link.startswith(f"{SHM_DIR}/") and link.endswith(" (deleted)")})
 
 

@@ -18,7 +18,8 @@ from mp_eplb.transfer.communicators import (
     make_communicator,
 )
 from mp_eplb.transfer.cuda_ipc import all_gather_bytes
-from tests.mp_eplb.dist_utils import DistributedRunError, run_distributed
+from mp_eplb.ranks import RankFailure
+from tests.mp_eplb.dist_utils import run_distributed
 
 DTYPES = (torch.float32, torch.bfloat16, torch.uint8)
 
@@ -91,9 +92,10 @@ def _raise_on_rank_one(rank: int, world: int) -> int:
 
 @pytest.mark.timeout(60)
 def test_run_distributed_reports_rank_failures() -> None:
-    with pytest.raises(DistributedRunError, match="boom on rank one") as info:
+    with pytest.raises(RankFailure, match="rank 1: KeyError: 'boom on rank one'") as info:
         run_distributed(_raise_on_rank_one, 2, timeout_s=45)
-    assert set(info.value.failures) == {1}
+    assert set(info.value.errors) == {1}
+    assert "in _raise_on_rank_one" in info.value.tracebacks[1]
 
 
 def _hang_on_rank_zero(rank: int, world: int) -> int:
@@ -104,9 +106,10 @@ def _hang_on_rank_zero(rank: int, world: int) -> int:
 
 @pytest.mark.timeout(90)
 def test_run_distributed_kills_ranks_past_the_timeout() -> None:
-    with pytest.raises(DistributedRunError, match=r"no result within timeout_s=12") as info:
+    with pytest.raises(RankFailure,
+                       match=r"rank 0: gave no result within the timeout \(12 s\)") as info:
         run_distributed(_hang_on_rank_zero, 2, timeout_s=12)
-    assert set(info.value.failures) == {0}
+    assert set(info.value.errors) == {0}
     assert multiprocessing.active_children() == []
 
 

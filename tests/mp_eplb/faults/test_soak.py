@@ -3,7 +3,7 @@ worker) on 2 CPU ranks. Each rank's RSS, open fds, /dev/shm segments and child p
 are measured after the first restart and at the end: fds and segments must not grow, RSS
 by at most 16 MiB, no stray worker or zombie may remain, and every layer must stay
 consistent at every step. Takes about 3 minutes on 2 cores, hence ``slow``
-(``python -m pytest tests/mp_eplb/test_soak.py -m slow``)."""
+(``python -m pytest tests/mp_eplb/faults/test_soak.py -m slow``)."""
 
 from __future__ import annotations
 
