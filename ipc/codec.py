@@ -10,9 +10,9 @@ reflected back to its sender. Decoding checks, in this order and before any unpa
 frame size, then the MAC (constant-time compare); only then msgpack with limits tied to
 ``max_message_bytes``, the schema version, the tag and every field (:mod:`ipc.schema`).
 
-The session key travels out of band, never in argv: :func:`key_to_env` /
-:func:`key_from_env` (hex in an environment variable) or :func:`key_to_pipe` /
-:func:`key_from_fd` (an inherited pipe). No pickle anywhere.
+The session key travels out of band, never in argv nor in the environment (which
+``/proc/<pid>/environ`` shows): :func:`key_to_pipe` / :func:`key_from_fd` (an inherited
+pipe). No pickle anywhere.
 """
 
 from __future__ import annotations
@@ -22,7 +22,6 @@ import hashlib
 import hmac
 import os
 import secrets
-from collections.abc import MutableMapping
 from functools import partial
 from typing import Any, Literal, NamedTuple
 
@@ -35,7 +34,6 @@ from ipc.schema import SCHEMA_VERSION, from_fields, message_type, to_fields
 __all__ = [
     "KEY_BYTES",
     "MAC_BYTES",
-    "KEY_ENV_VAR",
     "DEFAULT_MAX_MESSAGE_BYTES",
     "Role",
     "DropReason",
@@ -43,15 +41,12 @@ __all__ = [
     "Envelope",
     "Codec",
     "new_session_key",
-    "key_to_env",
-    "key_from_env",
     "key_to_pipe",
     "key_from_fd",
 ]
 
 KEY_BYTES = 32
 MAC_BYTES = hashlib.sha256().digest_size
-KEY_ENV_VAR = "IPC_SESSION_KEY"
 DEFAULT_MAX_MESSAGE_BYTES = 1 << 20
 """Default limit of a message body (the frame without its MAC), in bytes."""
 _MIN_KEY_BYTES = 16
@@ -108,26 +103,6 @@ def _check_key(key: bytes) -> bytes:
         raise ValueError(f"session key must be bytes of at least {_MIN_KEY_BYTES} bytes "
                          "(use ipc.codec.new_session_key())")
     return key
-
-
-def key_to_env(key: bytes, env: MutableMapping[str, str], var: str = KEY_ENV_VAR) -> None:
-    """Put ``key`` (hex) into ``env``, the environment mapping given to the child process
-    (e.g. ``subprocess.Popen(env=...)``). Never put the key in argv: ``ps`` shows argv."""
-    env[var] = _check_key(key).hex()
-
-
-def key_from_env(var: str = KEY_ENV_VAR) -> bytes:
-    """Read the key the parent put in ``os.environ[var]`` and remove the variable, so that
-    the child's own children do not inherit it. ValueError if absent or not valid hex."""
-    text = os.environ.pop(var, None)
-    if text is None:
-        raise ValueError(f"environment variable {var} is not set: the parent must pass the "
-                         "session key with ipc.codec.key_to_env()")
-    try:
-        return _check_key(bytes.fromhex(text))
-    except ValueError as err:
-        raise ValueError(f"environment variable {var} does not hold a valid hex session key: "
-                         f"{err}") from None
 
 
 def key_to_pipe(key: bytes) -> int:

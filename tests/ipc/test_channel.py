@@ -27,15 +27,12 @@ from ipc.codec import (
     MAC_BYTES,
     Codec,
     DropReason,
-    key_from_env,
     key_from_fd,
-    key_to_env,
     key_to_pipe,
     new_session_key,
 )
 from ipc.errors import ChannelClosedError, IpcError, IpcTimeoutError
 from ipc.schema import SCHEMA_VERSION, ErrorReply, Goodbye, Heartbeat, Hello, Shutdown, message
-from tests.ipc.spawn_utils import TEST_PREFIX
 
 STARTUP_TIMEOUT_S = 20.0  # child interpreter start + first message
 REPLY_TIMEOUT_S = 5.0
@@ -55,9 +52,9 @@ class Probe:
     scores: dict[str, float | None]
 
 
-def _echo_child(endpoint: str, key_source: str) -> int:
+def _echo_child(endpoint: str, key_fd: str) -> int:
     """Connect, say Hello, echo every message until Shutdown, answer it with Goodbye."""
-    key = key_from_env() if key_source == "env" else key_from_fd(int(key_source))
+    key = key_from_fd(int(key_fd))
     with Channel.connect(endpoint, key) as channel:
         channel.send(Hello(protocol_version=1, pid=os.getpid(), role="echo"))
         while True:
@@ -74,23 +71,18 @@ def key() -> bytes:
 
 
 @pytest.fixture()
-def spawn() -> Iterator[Callable[[str, bytes, str], subprocess.Popen[bytes]]]:
-    """``spawn(endpoint, key, via)`` starts an echo child (key via 'env' or 'fd'); teardown
-    fails the test if a child is still running (after killing it)."""
+def spawn() -> Iterator[Callable[[str, bytes], subprocess.Popen[bytes]]]:
+    """``spawn(endpoint, key)`` starts an echo child (the key through an inherited pipe);
+    teardown fails the test if a child is still running (after killing it)."""
     children: list[subprocess.Popen[bytes]] = []
 
-    def start(endpoint: str, key: bytes, via: str) -> subprocess.Popen[bytes]:
-        env = dict(os.environ)
-        if via == "env":
-            key_to_env(key, env)
-            proc = subprocess.Popen([sys.executable, __file__, endpoint, "env"], env=env)
-        else:
-            fd = key_to_pipe(key)
-            try:
-                proc = subprocess.Popen([sys.executable, __file__, endpoint, str(fd)],
-                                        env=env, pass_fds=(fd,))
-            finally:
-                os.close(fd)
+    def start(endpoint: str, key: bytes) -> subprocess.Popen[bytes]:
+        fd = key_to_pipe(key)
+        try:
+            proc = subprocess.Popen([sys.executable, __file__, endpoint, str(fd)],
+                                    env=dict(os.environ), pass_fds=(fd,))
+        finally:
+            os.close(fd)
         children.append(proc)
         return proc
 
@@ -114,9 +106,8 @@ def shut_down(parent: Channel, proc: subprocess.Popen[bytes]) -> None:
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.parametrize("endpoint, via", [(None, "env"), ("tcp", "fd")])
-def test_round_trip_with_child_process(key: bytes, spawn: Callable, endpoint: str | None,
-                                       via: str) -> None:
+@pytest.mark.parametrize("endpoint", [None, "tcp"])
+def test_round_trip_with_child_process(key: bytes, spawn: Callable, endpoint: str | None) -> None:
     with Channel.bind(key, endpoint) as parent:
         if endpoint is None:
             path = socket_path(parent)
@@ -124,7 +115,7 @@ def test_round_trip_with_child_process(key: bytes, spawn: Callable, endpoint: st
             assert len(path) <= MAX_IPC_PATH_CHARS
         else:
             assert parent.endpoint.startswith("tcp://127.0.0.1:")
-        proc = spawn(parent.endpoint, key, via)
+        proc = spawn(parent.endpoint, key)
         assert parent.recv(timeout=STARTUP_TIMEOUT_S) == Hello(1, proc.pid, "echo")
         sent = [Heartbeat(progress=1),
                 Probe(n=-5, payload=bytes(range(256)), tags=["a", ""], scores={"x": 0.5, "y": None}),
@@ -184,7 +175,7 @@ def test_fuzzed_frames_are_counted_drops_and_channel_keeps_working(
         key: bytes, spawn: Callable, caplog: pytest.LogCaptureFixture) -> None:
     rng = random.Random(20240501)
     with Channel.bind(key, max_message_bytes=FUZZ_MAX_MESSAGE_BYTES) as parent:
-        proc = spawn(parent.endpoint, key, "env")
+        proc = spawn(parent.endpoint, key)
         assert isinstance(parent.recv(timeout=STARTUP_TIMEOUT_S), Hello)  # child seq 1 used
         # A genuine child->parent frame with seq 1: replaying it must be refused.
         valid = Codec(key, "child").encode(Probe(1, b"x" * 40, ["t"], {"s": 1.0}), seq=1)
@@ -348,7 +339,7 @@ def test_ipc_path_length_limit_and_fallback(key: bytes, tmp_path,
     monkeypatch.setattr(tempfile, "tempdir", str(deep))
     with Channel.bind(key) as parent:
         path = socket_path(parent)
-        assert path.startswith(f"/tmp/{TEST_PREFIX}-ipc-{os.getpid()}-") and len(path) <= MAX_IPC_PATH_CHARS
+        assert path.startswith(f"/tmp/{naming.name_prefix()}-ipc-{os.getpid()}-") and len(path) <= MAX_IPC_PATH_CHARS
     assert not os.path.exists(os.path.dirname(path))
     assert list(deep.iterdir()) == []  # the too-long private dir was removed again
     with pytest.raises(ValueError, match="endpoint must be"):

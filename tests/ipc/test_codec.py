@@ -12,14 +12,11 @@ import msgpack
 import pytest
 
 from ipc.codec import (
-    KEY_ENV_VAR,
     MAC_BYTES,
     Codec,
     DecodeError,
     DropReason,
-    key_from_env,
     key_from_fd,
-    key_to_env,
     key_to_pipe,
     new_session_key,
 )
@@ -266,21 +263,6 @@ def test_declaration_errors() -> None:
         message("heartbeat")(type("Other", (), {"__annotations__": {"v": int}}))
     with pytest.raises(ValueError, match="non-empty str"):
         message("")
-
-
-def test_key_through_environment(key: bytes, monkeypatch: pytest.MonkeyPatch) -> None:
-    env: dict[str, str] = {}
-    key_to_env(key, env)
-    monkeypatch.setenv(KEY_ENV_VAR, env[KEY_ENV_VAR])
-    assert key_from_env() == key
-    assert KEY_ENV_VAR not in os.environ  # not inherited further
-    with pytest.raises(ValueError, match=f"{KEY_ENV_VAR} is not set"):
-        key_from_env()
-    monkeypatch.setenv(KEY_ENV_VAR, "zz")
-    with pytest.raises(ValueError, match="not hold a valid hex session key"):
-        key_from_env()
-    with pytest.raises(ValueError, match="at least 16 bytes"):
-        key_to_env(b"short", env)
 
 
 def test_key_through_inherited_pipe(key: bytes) -> None:
