@@ -1,7 +1,8 @@
 """Microbenchmarks of the engine's per-step and per-layer costs, side by side in one run.
 
-* commit: one layer's ``move_from_buffer`` rows as the old per-row loop of ``copy_`` vs the
-  batched copy (``mp_eplb.transfer``'s ``_foreach_copy_``), and the map switch as five row
+* commit: one layer's ``move_from_buffer`` rows as a per-row loop of ``copy_`` vs one
+  ``torch._foreach_copy_`` of the rows vs what ``move_from_buffer`` does (runs of consecutive
+  rows merged, one ``copy_`` per run and tensor), and the map switch as five row
   copies (one per map) vs one copy of the flat map row; host ms per layer (the call, not its
   GPU work) and GPU ms (CUDA events, after a synchronise).
 * agreement: two gloo ranks, each step a simulated ``--step-ms`` of GPU wait (a sleep) with
@@ -70,7 +71,7 @@ def _time_host_and_gpu(fn: Callable[[], None], device: torch.device,
 
 def bench_commit(device: torch.device, *, slots: int, hidden: int, inter: int, rows: int,
                  dtype: torch.dtype, layers: int, experts: int, repeats: int) -> dict:
-    """Per-layer commit cost, old vs batched (module docstring); ms."""
+    """Per-layer commit cost of each way to copy the rows (module docstring); ms."""
     weights = [torch.zeros((slots, 2 * inter, hidden), dtype=dtype, device=device),
                torch.zeros((slots, hidden, inter), dtype=dtype, device=device)]
     buffers = [torch.ones_like(w) for w in weights]
@@ -81,7 +82,11 @@ def bench_commit(device: torch.device, *, slots: int, hidden: int, inter: int, r
             for w, b in zip(weights, buffers):
                 w[row].copy_(b[row], non_blocking=True)
 
-    def batched() -> None:
+    def foreach() -> None:
+        torch._foreach_copy_([w[row] for w in weights for row in changed],
+                             [b[row] for b in buffers for row in changed], non_blocking=True)
+
+    def merged_runs() -> None:
         _copy_rows(weights, buffers, changed, changed)
 
     widths = [slots, experts * (slots + 1), experts, slots, slots]  # the five maps of a layer
@@ -103,7 +108,8 @@ def bench_commit(device: torch.device, *, slots: int, hidden: int, inter: int, r
             w[:rows].copy_(b[:rows], non_blocking=True)
 
     out: dict = {"rows": rows, "bytes": rows * sum(w[0].numel() * w.element_size() for w in weights)}
-    for name, fn in (("per_row_loop", per_row), ("batched", batched), ("maps_five_copies", five_maps),
+    for name, fn in (("per_row_loop", per_row), ("foreach", foreach),
+                     ("merged_runs", merged_runs), ("maps_five_copies", five_maps),
                      ("maps_one_copy", one_map), ("plain_copy", plain)):
         host, gpu = _time_host_and_gpu(fn, device, repeats)
         out[name] = {"host_ms": _median_ms(host), "gpu_ms": _median_ms(gpu) if gpu else None}
@@ -208,7 +214,7 @@ def _markdown(data: dict) -> str:
     lines = [f"# copy_bench on {data['device']}", "",
              f"## Commit of one layer ({c['rows']} changed rows, {c['bytes'] / 2**20:.1f} MiB)", "",
              "| what | host ms | GPU ms |", "|---|---|---|"]
-    for key in ("per_row_loop", "batched", "plain_copy", "maps_five_copies", "maps_one_copy"):
+    for key in ("per_row_loop", "foreach", "merged_runs", "plain_copy", "maps_five_copies", "maps_one_copy"):
         gpu = c[key]["gpu_ms"]
         lines.append(f"| {key} | {c[key]['host_ms']:.3f} | {'–' if gpu is None else f'{gpu:.3f}'} |")
     lines += ["", f"## Agreement per step (2 gloo ranks, {a['step_ms']:g} ms steps + up to 1 ms "

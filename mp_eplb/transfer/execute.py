@@ -43,10 +43,11 @@ def _copy_rows(
     dst: Sequence[torch.Tensor], src: Sequence[torch.Tensor],
     dst_rows: Sequence[int], src_rows: Sequence[int],
 ) -> None:
-    """``dst[i][d] = src[i][s]`` for each pair of rows and every tensor pair ``i``, as one
-    batched copy (``torch._foreach_copy_``: on CUDA a few multi-tensor kernel launches for the
-    whole layer, queued on the current stream, ``non_blocking``); runs of consecutive rows are
-    merged into one view first."""
+    """``dst[i][d] = src[i][s]`` for each pair of rows and every tensor pair ``i``: runs of
+    consecutive rows are merged, then each run is one ``copy_`` per tensor (on CUDA one
+    memcpy on the current stream, ``non_blocking``). Measured on an H200 (tools/copy_bench.py,
+    five 84 MiB rows): ``torch._foreach_copy_`` of the same views took 0.41 ms of GPU time
+    against 0.26 ms for these memcpys and 0.23 ms for one plain copy of the bytes."""
     pairs = sorted(zip(dst_rows, src_rows))
     runs: list[tuple[int, int, int]] = []  # (dst start, src start, rows)
     for d, s in pairs:
@@ -56,9 +57,9 @@ def _copy_rows(
             runs.append((d, s, 1))
     if not runs:
         return
-    targets = [t.narrow(0, d0, n) for t in dst for d0, _, n in runs]
-    sources = [t.narrow(0, s0, n) for t in src for _, s0, n in runs]
-    torch._foreach_copy_(targets, sources, non_blocking=True)
+    for target, source in zip(dst, src):
+        for d0, s0, n in runs:
+            target.narrow(0, d0, n).copy_(source.narrow(0, s0, n), non_blocking=True)
 
 
 def _check_tensors(
