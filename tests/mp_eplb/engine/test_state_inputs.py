@@ -207,6 +207,16 @@ def test_step_after_shutdown_is_a_closed_state_error() -> None:
     assert issubclass(StateClosedError, EplbError) and issubclass(StateClosedError, ValueError)
 
 
+def _step_until_second_rebalance_ends(state: EplbState, load: torch.Tensor) -> None:
+    """Step with ``load`` (1 ms apart) until the state's second rebalance has ended."""
+    for _ in range(5000):
+        if len(state.history) >= 2 and state.history[1].end_step is not None:
+            return
+        state.step(load)
+        time.sleep(0.001)
+    pytest.fail(f"the next rebalance did not complete: {state.history}")
+
+
 def test_a_deferred_negative_load_skips_the_rebalance_not_the_worker(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """The GPU path's check on CPU tensors: the negative count is accepted by step() (no host
@@ -233,12 +243,7 @@ def test_a_deferred_negative_load_skips_the_rebalance_not_the_worker(
         assert (record.aborted, record.reason, record.start_step, record.end_step) == (
             True, f"skipped: {expected}", 4, 4)
         assert not state.load_window.any()
-        step = 4
-        while len(state.history) < 2 or state.history[1].end_step is None:
-            step += 1
-            assert step < 5000, f"the next rebalance did not complete: {state.history}"
-            state.step(good)
-            time.sleep(0.001)
+        _step_until_second_rebalance_ends(state, good)
         assert state.history[1].start_step == 8 and not state.history[1].aborted
         assert (state.worker_pid, state.worker_restarts) == (pid, 0)
 
@@ -345,12 +350,7 @@ def test_a_negative_load_on_the_gpu_is_found_at_the_rebalance_start() -> None:
             "expert_load held a negative token count (minimum -5) before the rebalance at step 4")
         assert state.history[0].aborted and state.history[0].reason.startswith("skipped: ")
         assert not state.load_window.any()
-        step = 4
-        while len(state.history) < 2 or state.history[1].end_step is None:
-            step += 1
-            assert step < 5000, f"the next rebalance did not complete: {state.history}"
-            state.step(good)
-            time.sleep(0.001)
+        _step_until_second_rebalance_ends(state, good)
         assert not state.history[1].aborted
         assert (state.worker_pid, state.worker_restarts) == (pid, 0)
         torch.cuda.synchronize(device)
