@@ -60,15 +60,24 @@ class WorkerSpec:
     the thread mode's own group.
     """
 
-    rank: int
-    world_size: int
-    num_logical: int
     device: torch.device
     config: EplbConfig
     topology: WorkerTopology
     communicator: str | None
     expert_weights: Sequence[Sequence[torch.Tensor]]
     group: dist.ProcessGroup | None
+
+    @property
+    def rank(self) -> int:
+        return self.topology.rank
+
+    @property
+    def world_size(self) -> int:
+        return self.topology.world_size
+
+    @property
+    def num_logical(self) -> int:
+        return self.topology.num_logical
 
     @property
     def num_layers(self) -> int:

@@ -250,7 +250,6 @@ class EplbState:
             self._move_to_start(loaded)
         if self.config.mode != "sync":
             self._spec = WorkerSpec(
-                rank=rank, world_size=world_size, num_logical=num_logical_experts,
                 device=self.device, config=self.config, topology=self.topology,
                 communicator=self.communicator, expert_weights=self.expert_weights,
                 group=self.cpu_group if self.cpu_group is not None else self.ep_group)
@@ -374,7 +373,7 @@ class EplbState:
     def shutdown(self, wait: bool = False) -> None:
         """Stop the worker and free the shared memory, without waiting for the process:
         a worker judged dead or hung (or still starting) is SIGKILLed at once; a healthy one
-        gets ``Shutdown`` and ``backends.SHUTDOWN_GRACE_S`` to exit, then SIGTERM, then
+        gets ``Shutdown`` and ``engine.host.SHUTDOWN_GRACE_S`` to exit, then SIGTERM, then
         SIGKILL, on a reaper thread (``wait=True`` joins it). A rebalance in flight is
         abandoned; committed layers stay. Idempotent; ``step()`` afterwards raises
         ``StateClosedError``."""

@@ -18,7 +18,7 @@ WAIT_S = 120.0
 def _spec() -> WorkerSpec:
     topology = WorkerTopology(rank=0, world_size=1, num_logical=3, num_groups=1,
                               num_redundant=1, ranks_per_node=1, max_ops_per_batch=8)
-    return WorkerSpec(rank=0, world_size=1, num_logical=3, device=torch.device("cpu"),
+    return WorkerSpec(device=torch.device("cpu"),
                       config=EplbConfig(num_redundant_experts=1), topology=topology,
                       communicator="gloo", expert_weights=[[torch.zeros(4, 2)] for _ in range(2)],
                       group=None)

@@ -158,7 +158,7 @@ def one_rank_group() -> Iterator[dist.ProcessGroup]:
 def test_thread_host_reports_a_malformed_message_as_worker_error(
         one_rank_group: dist.ProcessGroup) -> None:
     weights = [[torch.zeros(4, 2)] for _ in range(3)]
-    spec = WorkerSpec(rank=0, world_size=1, num_logical=3, device=torch.device("cpu"),
+    spec = WorkerSpec(device=torch.device("cpu"),
                       config=EplbConfig(mode="thread", num_redundant_experts=1),
                       topology=TOPOLOGY, communicator="gloo", expert_weights=weights,
                       group=one_rank_group)
