@@ -18,7 +18,7 @@ import torch.distributed as dist
 
 from mp_eplb.policy import RebalanceOutcome, plan_rebalance, rebalance_outcome
 from mp_eplb.protocol import WorkerTopology
-from mp_eplb.transfer import TransferMetadata, move_to_buffer
+from mp_eplb.transfer import move_to_buffer
 from mp_eplb.transfer.communicators import EplbCommunicator, make_communicator
 from mp_eplb.transfer.cuda_ipc import CudaIpcPullCommunicator
 from mp_eplb.worker.failpoints import failpoint
@@ -106,14 +106,13 @@ class TransferWorker:
         started = time.perf_counter()
         shape = dict(num_logical=topo.num_logical, num_ranks=topo.world_size,
                      max_replicas=topo.num_redundant + 1)
-        if topo.rank == 0:
-            new = torch.from_numpy(plan_rebalance(
-                load, old_phy2log, num_groups=topo.num_groups, num_nodes=topo.num_nodes,
-                **shape).maps.phy2log)
+        if topo.rank == 0:  # plans, then shares the placement; the others describe it
+            outcome = plan_rebalance(load, old_phy2log, num_groups=topo.num_groups,
+                                     num_nodes=topo.num_nodes, **shape)
+            self._broadcast_from_first(torch.from_numpy(outcome.maps.phy2log))
         else:
-            new = torch.empty(old_phy2log.shape, dtype=torch.int64)
-        outcome = rebalance_outcome(load, old_phy2log, self._broadcast_from_first(new).numpy(),
-                                    **shape)
+            new = self._broadcast_from_first(torch.empty(old_phy2log.shape, dtype=torch.int64))
+            outcome = rebalance_outcome(load, old_phy2log, new.numpy(), **shape)
         policy_s = time.perf_counter() - started
         logger.info("rank %d rebalance %d: %d of %d layers change (policy %.1f ms)",
                     topo.rank, rebalance_id, len(outcome.layers), old_phy2log.shape[0],
@@ -123,7 +122,7 @@ class TransferWorker:
 
     # -- staging --------------------------------------------------------------------------
 
-    def stage(self, plan: RebalancePlan, layer: int, slot: int) -> TransferMetadata:
+    def stage(self, plan: RebalancePlan, layer: int, slot: int) -> None:
         """Fill staging buffer ``slot`` with this rank's new rows of ``layer``.
 
         Returns when the data is complete in the buffer (the worker's stream is synchronised),
@@ -152,7 +151,6 @@ class TransferWorker:
             plan.stage_s.append(time.perf_counter() - started)
         rows = int((~metadata.is_unchanged).sum())
         plan.bytes_staged += rows * sum(w[0].numel() * w.element_size() for w in self.weights[layer])
-        return metadata
 
 
 def build_worker(*, topology: WorkerTopology, communicator: str, device: torch.device,
