@@ -549,8 +549,9 @@ class EplbState:
         rearrange_expert_weights_inplace(
             torch.as_tensor(self._phy2log), torch.as_tensor(maps.phy2log), self.expert_weights,
             self.ep_group, rank_mapping=None)
+        table = self._map_rows(maps)
         for layer in layers:
-            self._switch_maps(layer, self._map_rows(maps, layer))
+            self._switch_maps(layer, table[layer])
         if self.device.type == "cuda":
             torch.cuda.current_stream().synchronize()
         record.layers_planned = len(layers)
@@ -766,7 +767,8 @@ class EplbState:
             self._fail(flight, f"invalid plan from the transfer worker: {err}")
             return
         flight.plan, flight.maps = msg, maps
-        flight.rows = {layer: self._map_rows(maps, layer) for layer in msg.layers}
+        table = self._map_rows(maps)
+        flight.rows = {layer: table[layer] for layer in msg.layers}
         flight.record.layers_planned = len(msg.layers)
         flight.record.policy_s = msg.policy_s
         flight.record.balancedness_before = msg.balancedness_before
@@ -828,11 +830,11 @@ class EplbState:
         flight.record.commit_s.append(time.perf_counter() - t0)
         return layer
 
-    def _map_rows(self, maps: RoutingMaps, layer: int) -> torch.Tensor:
-        """Host copy of ``layer``'s new row of the flat map table (pinned on CUDA, prepared
-        when the plan arrives, so the commit's copy is async)."""
-        row = _map_table(maps, layer)[0]
-        return row.pin_memory() if self.device.type == "cuda" else row
+    def _map_rows(self, maps: RoutingMaps) -> torch.Tensor:
+        """Host copy of the new flat map table, a row per layer (pinned on CUDA, built once
+        when the plan arrives, so each commit's copy of its row is async)."""
+        table = _map_table(maps)
+        return table.pin_memory() if self.device.type == "cuda" else table
 
     def _switch_maps(self, layer: int, row: torch.Tensor) -> None:
         """Switch ``layer``'s maps: one copy, queued on the current stream after its weights."""
@@ -898,14 +900,13 @@ def _validate_weights(expert_weights: Sequence[Sequence[torch.Tensor]]) -> list[
     return layers
 
 
-def _map_table(maps: RoutingMaps, layer: int | None = None) -> torch.Tensor:
-    """``[layers, width]`` int64 on the CPU (``layer`` given: ``[1, width]`` of that layer): per
-    layer ``phy2log``, ``log2phy`` flattened, ``logcnt``, then the load window's index
-    (``phy2log`` clamped at 0) and slot validity (1 where a slot holds an expert)."""
-    pick = slice(None) if layer is None else slice(layer, layer + 1)
-    p2l = torch.as_tensor(maps.phy2log[pick])
-    return torch.cat([p2l, torch.as_tensor(maps.log2phy[pick]).flatten(1),
-                      torch.as_tensor(maps.logcnt[pick]), p2l.clamp(min=0),
+def _map_table(maps: RoutingMaps) -> torch.Tensor:
+    """``[layers, width]`` int64 on the CPU: per layer ``phy2log``, ``log2phy`` flattened,
+    ``logcnt``, then the load window's index (``phy2log`` clamped at 0) and slot validity (1
+    where a slot holds an expert)."""
+    p2l = torch.as_tensor(maps.phy2log)
+    return torch.cat([p2l, torch.as_tensor(maps.log2phy).flatten(1),
+                      torch.as_tensor(maps.logcnt), p2l.clamp(min=0),
                       (p2l >= 0).to(torch.int64)], dim=1)
 
 
