@@ -13,7 +13,6 @@ import abc
 import enum
 import logging
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -37,6 +36,7 @@ from mp_eplb.config import EplbConfig
 from mp_eplb.errors import WorkerStartError
 from mp_eplb.protocol import (LOAD_EVENT, PROTOCOL_VERSION, Setup, SetupDone, WorkerError,
                               WorkerTopology, free_event, num_events)
+from mp_eplb.ranks import free_port
 from mp_eplb.worker.loop import QueueLink, StreamEvents, serve
 from mp_eplb.worker.logic import build_worker
 from mp_eplb.worker.boot import ProgressCounter, StartInfo
@@ -217,9 +217,7 @@ def rendezvous(spec: WorkerSpec) -> str:
         return spec.config.rendezvous
     port = torch.zeros(1, dtype=torch.int64)
     if spec.rank == 0:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port[0] = s.getsockname()[1]
+        port[0] = free_port("127.0.0.1")
     if spec.world_size > 1:
         dist.broadcast(port, src=dist.get_global_rank(spec.group, 0), group=spec.group)
     return f"tcp://127.0.0.1:{int(port.item())}"
