@@ -145,7 +145,7 @@ class EplbConfig:
                     raise VllmConfigError(
                         f"vLLM EPLB policy {value!r} is not available; mp_eplb has one policy "
                         "(DeepSeek's hierarchical packing, placement-aware): pass 'default'")
-            elif name in VLLM_FIELDS or name in own:
+            elif name in own:  # VLLM_FIELDS are EplbConfig fields
                 fields[name] = value
             else:
                 raise VllmConfigError(

@@ -137,7 +137,9 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
                           "then again); medians and spread are reported (default: 3 on cuda, "
                           "1 on cpu)")
     run.add_argument("--no-micro", action="store_true", help="skip the microbenchmarks")
-    run.add_argument("--rank-logs", action="store_true", help="show the rank processes' logs")
+    run.add_argument("--rank-logs", action="store_true",
+                     help="show rank 0's start line and progress for each run (the ranks' "
+                          "logs: -v or MP_EPLB_LOG)")
     run.add_argument("--timeout", type=positive_float, default=300.0,
                      help="seconds one configuration may take (default 300)")
     run.add_argument("--collective-timeout", type=positive_float, default=120.0,

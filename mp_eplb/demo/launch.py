@@ -344,19 +344,17 @@ def _demo_rank(env: RankEnv, args: argparse.Namespace) -> dict:
 class _SpawnSpec:
     device: str
     collective_timeout_s: float
-    quiet: bool
 
 
 def _rank_entry(rank: int, world_size: int, spec: _SpawnSpec, target: RankTarget,
                 arg: object) -> Any:
     """Spawned rank ``rank``: join the engine group, return ``target(env, arg)``."""
-    logs.configure(f"rank{rank}", default=logging.WARNING if spec.quiet else logging.INFO)
+    logs.configure(f"rank{rank}", default=logging.WARNING)  # MP_EPLB_LOG (-v) raises it
     return target(join_rank_env(rank, world_size, spec.device, spec.collective_timeout_s), arg)
 
 
 def spawn_ranks(target: RankTarget, arg: object, *, world_size: int, device: str = "cpu",
-                timeout_s: float = 600.0, collective_timeout_s: float = 120.0,
-                quiet: bool = True) -> list:
+                timeout_s: float = 600.0, collective_timeout_s: float = 120.0) -> list:
     """Run ``target(env, arg)`` in ``world_size`` spawned rank processes; their returns, by rank.
 
     Each process joins the engine group (:func:`init_rank_groups`, one GPU per rank for
@@ -365,7 +363,7 @@ def spawn_ranks(target: RankTarget, arg: object, *, world_size: int, device: str
     Raises :class:`DemoFailure` if any rank raises or dies, or ``timeout_s`` seconds pass; no
     rank process outlives the call.
     """
-    spec = _SpawnSpec(device, collective_timeout_s, quiet)
+    spec = _SpawnSpec(device, collective_timeout_s)
     return launch_ranks(_rank_entry, world_size, (spec, target, arg), timeout_s=timeout_s,
                         name="mp-eplb-rank").values()
 
@@ -392,8 +390,7 @@ def run_ranks(args: argparse.Namespace) -> list[RankResult]:
         announce(f"mp-eplb demo: starting {args.ranks} rank processes ({args.device}, mode "
                  f"{args.mode}, {args.steps} steps, 0-based step numbers)")
     results = spawn_ranks(_demo_rank, plain, world_size=args.ranks, device=args.device,
-                          timeout_s=args.timeout, collective_timeout_s=args.collective_timeout,
-                          quiet=True)  # ranks log at MP_EPLB_LOG (-v); rank 0 draws progress
+                          timeout_s=args.timeout, collective_timeout_s=args.collective_timeout)
     return [RankResult.from_dict(result) for result in results]
 
 
