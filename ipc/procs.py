@@ -111,6 +111,7 @@ def is_stopped(pid: int) -> bool:
 _requests: queue.SimpleQueue[tuple[Callable[[], subprocess.Popen], Future]] | None = None
 _spawner_lock = threading.Lock()
 _reapers: set[threading.Thread] = set()
+_join_registered = False
 
 
 def _serve_spawns(requests: queue.SimpleQueue) -> None:
@@ -168,14 +169,20 @@ def reap(proc: subprocess.Popen, grace_s: float, escalate_s: float,
             with _spawner_lock:
                 _reapers.discard(threading.current_thread())
 
+    global _join_registered
     thread = threading.Thread(target=run, name=f"ipc-reap-{proc.pid}", daemon=True)
     with _spawner_lock:
         _reapers.add(thread)
+        if not _join_registered:
+            # atexit runs the last registered first: registered now, after the modules the
+            # reapers' ``then`` uses registered their exit hooks (e.g. ipc.handles releasing
+            # every segment), the join runs before those hooks, whatever the import order.
+            atexit.register(_join_reapers)
+            _join_registered = True
     thread.start()
     return thread
 
 
-@atexit.register
 def _join_reapers() -> None:
     with _spawner_lock:
         pending = list(_reapers)

@@ -103,3 +103,25 @@ def test_inheritable_pipe_refuses_more_than_a_pipe_takes_at_once() -> None:
         assert pipe.read() == b"x" * select.PIPE_BUF
     with pytest.raises(ValueError, match="PIPE_BUF"):
         inheritable_pipe(b"x" * (select.PIPE_BUF + 1))
+
+
+_EXIT_WHILE_REAPING = """
+import subprocess, sys
+import ipc.procs as procs          # imported before ipc.handles, as mp_eplb.ranks does
+from ipc import handles
+t = handles.shared_empty((16,), __import__("torch").uint8)
+child = procs.spawn([sys.executable, "-c", "import time; time.sleep(0.5)"])
+procs.reap(child, grace_s=30.0, escalate_s=5.0, then=lambda: handles.release(t))
+print("exiting", flush=True)       # the reaper still waits for the child here
+"""
+
+
+def test_exit_waits_for_reapers_before_segments_are_released_at_exit() -> None:
+    """A reaper's ``then`` may release shared memory: the interpreter's exit joins the
+    reapers before ipc.handles' own exit hook forgets every segment, whatever the import
+    order (it used to depend on it: 'was released' from the reaper thread)."""
+    done = subprocess.run([sys.executable, "-c", _EXIT_WHILE_REAPING], capture_output=True,
+                          text=True, timeout=START_TIMEOUT_S)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "exiting\n"
+    assert "Traceback" not in done.stderr and "HandleError" not in done.stderr, done.stderr
